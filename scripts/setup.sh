@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install smoothprof with its test tools into it.
+# Where no NVIDIA GPU is present, the CPU build of PyTorch goes in first, so that installing
+# smoothprof does not pull a multi-GB CUDA build. Set SMOOTHPROF_PYTHON to choose the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${SMOOTHPROF_PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" "torch>=2.3"
+  else
+    # The CPU wheel index of PyTorch; pip falls back to its configured indexes when it is
+    # unreachable.
+    "${pip[@]}" --retries 0 --timeout 10 "torch==2.13.0" \
+      --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" 2>/dev/null \
+      || "${pip[@]}" "torch==2.13.0"
+  fi
+fi
+"${pip[@]}" -e ".[test]"

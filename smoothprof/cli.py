@@ -1,0 +1,482 @@
+"""The ``smoothprof`` command: parse options, call the library, display.
+
+The only place where errors become exit codes: 0 success, 1 a problem with the user's file or
+data (one line on stderr; ``--debug`` shows the traceback), 2 a usage error, 3 the run diverged,
+130 interrupted by Ctrl-C. The data measured before an error, a divergence or an interrupt is
+always in the trajectory file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from . import __version__
+from .display import (
+    ESTIMATOR_COLUMNS,
+    ESTIMATOR_LABELS,
+    envelope_plot,
+    fit_summary,
+    format_number,
+    probe_line,
+    recommendations_view,
+    series_plot,
+)
+from .fit import EnvelopeFit, FitError, fit_envelope
+from .loading import ModelFileError, load_model_file
+from .recommend import Recommendations, recommend
+from .train import (
+    ESTIMATORS,
+    OPTIMIZERS,
+    ConfigError,
+    RunConfig,
+    StepReport,
+    prepare_run,
+    save_state_dict,
+    train,
+)
+from .trajectory import Trajectory, TrajectoryError, TrajectoryWriter, read_trajectory
+
+EXIT_USER_ERROR = 1
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="smoothprof",
+    help=(
+        "Measure (L0, L1)-smoothness along a PyTorch training run, fit L0 and L1, and suggest a "
+        "gradient-clip threshold and a step size (Zhang, He, Sra, Jadbabaie, ICLR 2020)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERRORS = (ModelFileError, TrajectoryError, FitError, ConfigError)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"smoothprof {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """smoothprof: (L0, L1)-smoothness profiler for PyTorch training."""
+
+
+def _error_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    """Turn the user's mistakes into one line on stderr and exit code 1."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        _error_console().print(f"error: {error}", markup=False)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+def _use_color() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _output_width(width: int | None) -> int:
+    if width is not None:
+        return width
+    try:
+        return max(40, int(os.environ.get("COLUMNS", "")))
+    except ValueError:
+        return 100
+
+
+def _stdout_console(width: int) -> Console:
+    color = _use_color()
+    return Console(width=width, highlight=False, no_color=not color, force_terminal=color or None)
+
+
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback instead of a one-line error.")
+]
+WidthOption = Annotated[
+    int | None,
+    typer.Option("--width", min=40, help="Output width in columns (default: $COLUMNS, else 100)."),
+]
+AsciiOption = Annotated[
+    bool, typer.Option("--ascii", help="Draw plots with ASCII characters only (for logs that mangle others).")
+]
+
+
+def _check_choices(values: list[str], allowed: tuple[str, ...], what: str) -> None:
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise typer.BadParameter(
+            f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}"
+        )
+
+
+@app.command()
+def run(
+    model_file: Annotated[Path, typer.Argument(help="Python file defining model() and dataloader().")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Trajectory file to write (default: MODEL_FILE stem + .h5)."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps [default: 500].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Step size (learning rate) [default: 0.1].")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help=f"One of {', '.join(OPTIMIZERS)} [default: sgd].")
+    ] = None,
+    clip: Annotated[
+        float | None, typer.Option(help="Clip the gradient norm at this threshold [default: off].")
+    ] = None,
+    probe_every: Annotated[
+        int | None, typer.Option(min=0, help="Probe every K steps; 0 turns probing off [default: 10].")
+    ] = None,
+    probe_batches: Annotated[
+        int | None,
+        typer.Option(min=1, help="Fixed batches the probe measures on [default: 4]."),
+    ] = None,
+    estimators: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: fd (finite difference), hvp (top Hessian eigenvalue) [default: fd,hvp]."),
+    ] = None,
+    fd_points: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated fractions of the update where fd takes the gradient [default: 0.5]."),
+    ] = None,
+    probe_mode: Annotated[
+        str | None, typer.Option(help="Evaluate the probe objective in train or eval mode [default: train].")
+    ] = None,
+    rtol: Annotated[
+        float | None, typer.Option(help="Relative error the Hessian eigen-solver certifies [default: 1e-3].")
+    ] = None,
+    max_hvps: Annotated[
+        int | None, typer.Option(min=1, help="Hessian-vector products per probe at most [default: 100].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for model, data and probe [default: 0].")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    ] = None,
+    save_model: Annotated[
+        Path | None, typer.Option(help="Write the final state_dict here (torch.save).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train the model of MODEL_FILE while probing its smoothness; write the trajectory (HDF5).
+
+    Options not given on the command line come from the file's `defaults` dict, then from the
+    defaults shown here. Exit codes: 0 done, 1 a problem with the model file, 2 bad usage,
+    3 the run diverged (non-finite loss or gradient; rows so far are kept), 130 Ctrl-C.
+    """
+    overrides: dict[str, Any] = {
+        "steps": steps, "lr": lr, "optimizer": optimizer, "clip": clip,
+        "probe_every": probe_every, "probe_batches": probe_batches, "rtol": rtol,
+        "max_hvps": max_hvps, "seed": seed, "device": device, "probe_mode": probe_mode,
+    }  # fmt: skip
+    if estimators is not None:
+        overrides["estimators"] = tuple(e.strip() for e in estimators.split(",") if e.strip())
+        _check_choices(list(overrides["estimators"]), ESTIMATORS, "estimator")
+    if fd_points is not None:
+        try:
+            overrides["fd_points"] = tuple(float(v) for v in fd_points.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"--fd-points must be numbers, got {fd_points!r}") from None
+    try:
+        RunConfig.from_options({}, overrides)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+    output = output if output is not None else Path(model_file.stem + ".h5")
+    err = _error_console()
+    with _user_errors(debug):
+        if output.exists() and not force:
+            raise TrajectoryError(f"{output}: already exists; choose another -o or pass --force")
+        spec = load_model_file(model_file)
+        try:
+            config = RunConfig.from_options(spec.defaults, overrides)
+        except ConfigError as error:
+            raise ModelFileError(f"{spec.path}: defaults: {error}") from None
+        prepared = prepare_run(spec, config)
+        attributes = {
+            "smoothprof_version": __version__,
+            "torch_version": _torch_version(),
+            "device": str(prepared.device),
+            "model_file": str(spec.path),
+            "model_sha256": spec.sha256,
+            "config": config.as_json(),
+        }
+        num_params = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+        err.print(
+            f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
+            f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
+            + (f", clip {config.clip:g}" if config.clip else "")
+            + f", probe every {config.probe_every} on {len(prepared.probe_batches)} batch(es), "
+            f"device {prepared.device}",
+            markup=False,
+        )
+        with TrajectoryWriter(output, attributes=attributes, overwrite=force) as writer:
+            try:
+                with _progress(err, config.steps) as report:
+                    result = train(
+                        prepared,
+                        on_probe=writer.append_probe,
+                        on_train_row=writer.append_train,
+                        on_step=report,
+                    )
+            except KeyboardInterrupt:
+                writer.set_attribute("interrupted", True)
+                writer.close()
+                err.print(f"interrupted: the rows measured so far are in {output}", markup=False)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            if result.diverged:
+                writer.set_attribute("diverged_at_step", result.diverged_at)
+        if save_model is not None:
+            save_state_dict(prepared.model, save_model)
+    console = _stdout_console(_output_width(None))
+    converged = sum(r.hessian_converged for r in result.probes)
+    console.print(
+        f"wrote {output}: {result.steps_done} steps, {len(result.probes)} probes "
+        f"({converged} Hessian norms certified), final loss {format_number(result.final_loss)}, "
+        f"{result.seconds:.1f} s",
+        markup=False,
+    )
+    if save_model is not None:
+        console.print(f"saved the final state_dict to {save_model}", markup=False)
+    if result.diverged:
+        err.print(
+            f"diverged: non-finite loss or gradient at step {result.diverged_at}; "
+            f"earlier rows are kept in {output}",
+            markup=False,
+        )
+        raise typer.Exit(EXIT_DIVERGED)
+    console.print(f"next: smoothprof fit {output}", markup=False)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+@contextlib.contextmanager
+def _progress(console: Console, total: int) -> Iterator[Any]:
+    """A rich progress bar in a terminal; a plain line every tenth of the run in a log."""
+    if console.is_terminal:
+        progress = Progress(
+            TextColumn("step"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        with progress:
+            task = progress.add_task("train", total=total, status="")
+            last_probe = ""
+
+            def report(step: StepReport) -> None:
+                nonlocal last_probe
+                if step.probe is not None:
+                    last_probe = probe_line(step.probe)
+                status = f"loss {format_number(step.loss, 4)}  {last_probe}"
+                progress.update(task, completed=step.step + 1, status=status)
+
+            yield report
+        return
+    every = max(1, total // 10)
+    last = {"probe": ""}
+
+    def report_plain(step: StepReport) -> None:
+        if step.probe is not None:
+            last["probe"] = probe_line(step.probe)
+        if (step.step + 1) % every == 0 or step.step + 1 == total:
+            console.print(
+                f"step {step.step + 1}/{total}  loss {format_number(step.loss, 4)}  {last['probe']}",
+                markup=False,
+            )
+
+    yield report_plain
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _choose_estimator(trajectories: list[Trajectory], estimator: str | None) -> str:
+    def has(column: str) -> bool:
+        return any(np.isfinite(t.probes.get(column, np.array([]))).any() for t in trajectories)
+
+    if estimator is not None:
+        if estimator not in ESTIMATOR_COLUMNS:
+            raise typer.BadParameter(f"--estimator must be hvp or fd, got {estimator!r}")
+        if not has(ESTIMATOR_COLUMNS[estimator]):
+            raise FitError(f"no {estimator} measurements in {', '.join(str(t.path) for t in trajectories)}")
+        return estimator
+    for name in ("hvp", "fd"):
+        if has(ESTIMATOR_COLUMNS[name]):
+            return name
+    raise FitError(
+        f"{', '.join(str(t.path) for t in trajectories)}: no smoothness measurements "
+        "(was the run made with --probe-every 0?)"
+    )
+
+
+def _fit_points(trajectories: list[Trajectory], column: str, skip_steps: int):
+    grads, values = [], []
+    for trajectory in trajectories:
+        keep = trajectory.probes["step"] >= skip_steps
+        grads.append(trajectory.probes["grad_norm"][keep])
+        values.append(trajectory.probes[column][keep])
+    return np.concatenate(grads), np.concatenate(values)
+
+
+def _noise_level(trajectories: list[Trajectory]) -> float | None:
+    noise = np.concatenate([t.probes.get("grad_noise", np.array([])) for t in trajectories])
+    noise = noise[np.isfinite(noise) & (noise > 0)]
+    return float(np.median(noise)) if len(noise) else None
+
+
+def fit_as_json(
+    fit: EnvelopeFit, recs: Recommendations, estimator: str, files: list[str]
+) -> dict[str, Any]:
+    """The JSON document of ``smoothprof fit --json`` (documented in README.md)."""
+    statistics = {
+        key: getattr(fit, key)
+        for key in ("num_points", "num_dropped", "share_below", "spearman_log", "pearson_log",
+                    "L_max", "G_max", "quantile", "confidence")
+    }  # fmt: skip
+    return _finite_or_none(
+        {
+            "files": files,
+            "estimator": estimator,
+            "L0": fit.L0,
+            "L1": fit.L1,
+            "L0_interval": list(fit.L0_interval) if fit.L0_interval else None,
+            "L1_interval": list(fit.L1_interval) if fit.L1_interval else None,
+            "clip_threshold": recs.headline.clip_threshold,
+            "step_size": recs.headline.step_size,
+            "headline": asdict(recs.headline),
+            "recommendations": [asdict(r) for r in recs.rules],
+            "fixed_step_observed": recs.fixed_step_observed,
+            "predicted_speedup": recs.predicted_speedup,
+            "explanation": recs.explanation,
+            "warnings": list(recs.warnings),
+            "statistics": statistics,
+        }
+    )
+
+
+@app.command()
+def fit(
+    trajectory_files: Annotated[
+        list[Path], typer.Argument(help="Trajectory file(s) written by smoothprof run; several are fitted together.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables and plots.")] = False,
+    quantile: Annotated[
+        float, typer.Option(min=0.5, max=0.999, help="Quantile of the envelope fit.")
+    ] = 0.95,
+    estimator: Annotated[
+        str | None, typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present].")
+    ] = None,
+    skip_steps: Annotated[int, typer.Option(min=0, help="Drop probes before this step (transient).")] = 0,
+    bootstrap: Annotated[
+        int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals (0: none).")
+    ] = 200,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw the log-log scatter.")] = True,
+    width: WidthOption = None,
+    ascii_only: AsciiOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Fit L0 and L1 as an upper envelope and suggest a clip threshold and a step size."""
+    with _user_errors(debug):
+        trajectories = [read_trajectory(path) for path in trajectory_files]
+        chosen = _choose_estimator(trajectories, estimator)
+        column = ESTIMATOR_COLUMNS[chosen]
+        grad_norm, smoothness = _fit_points(trajectories, column, skip_steps)
+        envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
+        steps = trajectories[0].config.get("steps")
+        recs = recommend(
+            envelope,
+            grad_noise=_noise_level(trajectories),
+            num_steps=steps if isinstance(steps, int) else None,
+        )
+    files = [str(path) for path in trajectory_files]
+    if as_json:
+        typer.echo(json.dumps(fit_as_json(envelope, recs, chosen, files), indent=2))
+        return
+    out_width = _output_width(width)
+    console = _stdout_console(out_width)
+    console.print(fit_summary(envelope, chosen, files))
+    if plot:
+        console.print(
+            envelope_plot(
+                grad_norm,
+                smoothness,
+                envelope,
+                width=out_width,
+                color=_use_color(),
+                ascii_only=ascii_only,
+                smoothness_label=ESTIMATOR_LABELS[chosen],
+            ),
+            markup=False,
+            highlight=False,
+        )
+    console.print(recommendations_view(recs))
+
+
+@app.command()
+def plot(
+    trajectory_file: Annotated[Path, typer.Argument(help="Trajectory file written by smoothprof run.")],
+    width: WidthOption = None,
+    ascii_only: AsciiOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Plot loss, gradient norm and smoothness over the training steps."""
+    with _user_errors(debug):
+        trajectory = read_trajectory(trajectory_file)
+        if trajectory.num_probes == 0 and not len(trajectory.train.get("step", [])):
+            raise TrajectoryError(f"{trajectory_file}: holds no rows yet")
+    out_width = _output_width(width)
+    console = _stdout_console(out_width)
+    console.print(
+        series_plot(trajectory, width=out_width, color=_use_color(), ascii_only=ascii_only),
+        markup=False,
+        highlight=False,
+    )

@@ -1,0 +1,179 @@
+"""Pure numerical estimators of local smoothness, on matvecs and gradient callables.
+
+Nothing here knows about models: an eigen-solver takes a symmetric matvec ``v -> H v`` on flat
+vectors, so it can be tested on a plain matrix; the finite-difference estimator takes a callable
+that returns the gradient at a point along a segment.
+
+>>> import torch
+>>> H = torch.diag(torch.tensor([1.0, -5.0, 3.0], dtype=torch.float64))
+>>> result = lanczos_top_eigenpair(lambda v: H @ v, torch.ones(3, dtype=torch.float64))
+>>> round(result.eigenvalue, 6), result.converged
+(-5.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """The eigenvalue of largest magnitude of a symmetric operator, as an eigen-solver found it.
+
+    ``residual`` is ||H u - eigenvalue * u|| for the unit vector ``u = eigenvector``; for a symmetric
+    H some eigenvalue lies within ``residual`` of ``eigenvalue``. ``converged`` is true only when
+    ``residual <= rtol * |eigenvalue|`` (or the Krylov space became invariant).
+    """
+
+    eigenvalue: float
+    eigenvector: torch.Tensor
+    num_matvecs: int
+    converged: bool
+    residual: float
+
+    @property
+    def value(self) -> float:
+        """The spectral norm estimate: |eigenvalue|."""
+        return abs(self.eigenvalue)
+
+
+def lanczos_top_eigenpair(
+    matvec: Matvec,
+    start: torch.Tensor,
+    *,
+    rtol: float = 1e-3,
+    max_matvecs: int = 100,
+) -> EigenResult:
+    """Lanczos with full reorthogonalization for the eigenvalue of largest magnitude.
+
+    Stops when the Ritz pair of largest magnitude has residual ``|beta_k * y_k| <= rtol * |theta|``
+    (a certificate: an eigenvalue of H lies within ``rtol`` relative of ``theta``), or when the
+    Krylov space is invariant (exact). The tridiagonal matrix is solved in float64; the basis is
+    kept in ``start``'s dtype and device, reorthogonalized twice per step ("twice is enough").
+    """
+    if rtol <= 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
+    if max_matvecs < 1:
+        raise ValueError(f"max_matvecs must be at least 1, got {max_matvecs}")
+    start_norm = torch.linalg.vector_norm(start)
+    if not torch.isfinite(start_norm) or start_norm == 0:
+        raise ValueError("the start vector must be finite and non-zero")
+    dim = start.numel()
+    max_steps = min(max_matvecs, dim)
+    basis = torch.empty((max_steps, dim), dtype=start.dtype, device=start.device)
+    basis[0] = start.reshape(-1) / start_norm
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta, ritz_vector, residual = 0.0, np.ones(1), math.inf
+    converged = False
+    invariant_tol = 64 * torch.finfo(start.dtype).eps
+    for k in range(max_steps):
+        q = basis[k]
+        w = matvec(q).reshape(-1)
+        alpha = float(torch.dot(q, w))
+        alphas.append(alpha)
+        active = basis[: k + 1]
+        for _ in range(2):
+            w = w - active.T @ (active @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        thetas, vectors = _tridiagonal_eigh(alphas, betas)
+        index = int(np.argmax(np.abs(thetas)))
+        theta, ritz_vector = float(thetas[index]), vectors[:, index]
+        residual = beta * abs(float(ritz_vector[-1]))
+        betas.append(beta)
+        scale = max(abs(theta), float(np.max(np.abs(thetas))), 1e-300)
+        if residual <= rtol * abs(theta) or beta <= invariant_tol * scale:
+            converged = True
+            break
+        if not math.isfinite(beta):
+            break
+        if k + 1 < max_steps:
+            basis[k + 1] = w / beta
+    num_matvecs = len(alphas)
+    coefficients = torch.as_tensor(ritz_vector, dtype=start.dtype, device=start.device)
+    eigenvector = basis[:num_matvecs].T @ coefficients
+    eigenvector = eigenvector / torch.linalg.vector_norm(eigenvector)
+    return EigenResult(
+        eigenvalue=theta,
+        eigenvector=eigenvector.reshape(start.shape),
+        num_matvecs=num_matvecs,
+        converged=converged or num_matvecs == dim,
+        residual=residual,
+    )
+
+
+def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
+    size = len(alphas)
+    tridiagonal = np.diag(np.asarray(alphas, dtype=np.float64))
+    if size > 1:
+        off = np.asarray(betas[: size - 1], dtype=np.float64)
+        tridiagonal += np.diag(off, 1) + np.diag(off, -1)
+    return np.linalg.eigh(tridiagonal)
+
+
+def power_iteration_top_eigenpair(
+    matvec: Matvec,
+    start: torch.Tensor,
+    *,
+    rtol: float = 1e-3,
+    max_matvecs: int = 100,
+) -> EigenResult:
+    """Power iteration with PyHessian's stopping rule, kept as the reference the field uses.
+
+    Stops when the Rayleigh quotient changes by less than ``rtol`` relative between iterations,
+    which is not a certificate: ``converged`` reports the residual test, as for Lanczos.
+    """
+    vector = start.reshape(-1) / torch.linalg.vector_norm(start)
+    eigenvalue = math.nan
+    residual = math.inf
+    for count in range(1, max_matvecs + 1):
+        product = matvec(vector).reshape(-1)
+        new_eigenvalue = float(torch.dot(vector, product))
+        residual = float(torch.linalg.vector_norm(product - new_eigenvalue * vector))
+        norm = torch.linalg.vector_norm(product)
+        done = math.isfinite(eigenvalue) and abs(new_eigenvalue - eigenvalue) <= rtol * abs(
+            eigenvalue
+        )
+        eigenvalue = new_eigenvalue
+        if done or norm == 0 or not torch.isfinite(norm):
+            break
+        vector = product / norm
+    return EigenResult(
+        eigenvalue=eigenvalue,
+        eigenvector=vector.reshape(start.shape),
+        num_matvecs=count,
+        converged=residual <= rtol * abs(eigenvalue),
+        residual=residual,
+    )
+
+
+def finite_difference_smoothness(
+    gradient_at: Callable[[float], torch.Tensor],
+    gradient: torch.Tensor,
+    step_norm: float,
+    fractions: Sequence[float] = (0.5,),
+) -> float:
+    """The paper's secant estimate of local smoothness along an update d = x_{t+1} - x_t.
+
+    ``max over gamma of ||grad f(x_t + gamma d) - grad f(x_t)|| / (gamma ||d||)``, with
+    ``gradient_at(gamma)`` returning grad f(x_t + gamma d) and ``gradient`` = grad f(x_t) (flat).
+    NaN when the update is zero or not finite: there is no segment to measure along.
+    """
+    if not fractions:
+        raise ValueError("at least one point along the update is needed")
+    if any(not 0 < gamma <= 1 for gamma in fractions):
+        raise ValueError(f"points along the update must lie in (0, 1], got {list(fractions)}")
+    if not math.isfinite(step_norm) or step_norm <= 0:
+        return math.nan
+    estimates = []
+    for gamma in fractions:
+        difference = gradient_at(gamma).reshape(-1) - gradient.reshape(-1)
+        estimates.append(float(torch.linalg.vector_norm(difference)) / (gamma * step_norm))
+    return max(estimates)

@@ -1,0 +1,184 @@
+"""The probe objective f(x) = mean over fixed batches of loss(model, batch), and its derivatives.
+
+Everything here is a function of the model's trainable parameters as they are when called. The
+derivatives use ``torch.autograd.grad``, so ``.grad`` attributes are never touched. Each batch is
+evaluated with its own fixed seed, so dropout draws the same mask in every evaluation and f is one
+function; callers that must leave the global RNG untouched wrap calls in ``preserved_rng``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters f is a function of: those with ``requires_grad``, in ``parameters()`` order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat vector from a list of tensors (parameters, gradients)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat vector into views shaped like ``like``."""
+    sizes = [t.numel() for t in like]
+    return [chunk.view_as(t) for chunk, t in zip(torch.split(vector, sizes), like, strict=True)]
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Restore the global torch (CPU and CUDA), numpy and Python RNG states on exit."""
+    torch_state = torch.get_rng_state()
+    cuda_states = (
+        torch.cuda.get_rng_state_all()
+        if device is not None and device.type == "cuda" and torch.cuda.is_available()
+        else None
+    )
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@contextlib.contextmanager
+def double_backward_backends(device: torch.device) -> Iterator[None]:
+    """Kernels that have a double backward: cuDNN off (its RNNs have none), math attention."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # pragma: no cover - torch without the attention module
+            pass
+        else:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+class ProbeObjective:
+    """f(x) = (1/B) sum_b loss_fn(model, batch_b), with gradients and Hessian-vector products.
+
+    The caller owns the model's state: this class evaluates at the current parameters, in the
+    model's current train/eval mode, and does not restore buffers or RNG states itself (see
+    ``probe.unchanged_model_state``). ``seed`` fixes the dropout masks: batch b is always evaluated
+    right after ``torch.manual_seed(seed + b)``.
+
+    HVPs either reuse the double-backward graph of the last ``gradient(create_graph=True)`` call
+    (cheapest; memory grows with the number of batches) or rebuild it batch by batch for every
+    product (memory of one batch). ``retain_graph=None`` retains it for a single batch only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        *,
+        seed: int = 0,
+        retain_graph: bool | None = None,
+    ) -> None:
+        if len(batches) == 0:
+            raise ValueError("the probe objective needs at least one batch")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        self.seed = seed
+        self.parameters = trainable_parameters(model)
+        if not self.parameters:
+            raise ValueError("the model has no parameters with requires_grad=True")
+        self.retain_graph = len(self.batches) == 1 if retain_graph is None else retain_graph
+        self.num_hvps = 0
+        self._retained: list[torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameters[0].device
+
+    def _batch_loss(self, index: int) -> torch.Tensor:
+        torch.manual_seed(self.seed + index)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(self.seed + index)
+        loss = self.loss_fn(self.model, self.batches[index])
+        return loss
+
+    def _batch_gradient(self, index: int, create_graph: bool) -> tuple[float, list[torch.Tensor]]:
+        loss = self._batch_loss(index)
+        grads = torch.autograd.grad(
+            loss, self.parameters, create_graph=create_graph, allow_unused=True
+        )
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.parameters)]
+        return float(loss.detach()), grads
+
+    def gradient(self, *, create_graph: bool = False) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """f(x), grad f(x) (flat) and the per-batch gradient spread sqrt(mean_b ||g_b - g||^2).
+
+        With ``create_graph`` and ``retain_graph`` the double-backward graph is kept for ``hvp``.
+        """
+        keep = create_graph and self.retain_graph
+        total_loss = 0.0
+        total: list[torch.Tensor] | None = None
+        flat_batch_grads = []
+        for index in range(len(self.batches)):
+            loss, grads = self._batch_gradient(index, create_graph=keep)
+            total_loss += loss
+            flat_batch_grads.append(flatten([g.detach() for g in grads]))
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        count = len(self.batches)
+        assert total is not None
+        mean = [g / count for g in total]
+        self._retained = mean if keep else None
+        flat_mean = flatten([g.detach() for g in mean])
+        spread = torch.stack([torch.linalg.vector_norm(g - flat_mean) ** 2 for g in flat_batch_grads])
+        return total_loss / count, flat_mean, spread.mean().sqrt()
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """The Hessian of f times a flat vector, one HVP (over all batches)."""
+        self.num_hvps += 1
+        pieces = unflatten(vector.to(self.parameters[0].dtype), self.parameters)
+        if self._retained is not None:
+            return self._grad_of_dot(self._retained, pieces, retain_graph=True)
+        total: torch.Tensor | None = None
+        for index in range(len(self.batches)):
+            _, grads = self._batch_gradient(index, create_graph=True)
+            product = self._grad_of_dot(grads, pieces, retain_graph=False)
+            total = product if total is None else total + product
+        assert total is not None
+        return total / len(self.batches)
+
+    def _grad_of_dot(
+        self, grads: list[torch.Tensor], vector: list[torch.Tensor], *, retain_graph: bool
+    ) -> torch.Tensor:
+        pairs = [(g, v) for g, v in zip(grads, vector) if g.requires_grad]
+        if not pairs:
+            return flatten([torch.zeros_like(p) for p in self.parameters])
+        products = torch.autograd.grad(
+            [g for g, _ in pairs],
+            self.parameters,
+            grad_outputs=[v for _, v in pairs],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        return flatten(
+            [torch.zeros_like(p) if h is None else h for h, p in zip(products, self.parameters)]
+        )
+
+    def release(self) -> None:
+        """Free the retained double-backward graph."""
+        self._retained = None

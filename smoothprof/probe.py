@@ -1,0 +1,355 @@
+"""The probe: smoothness measurements at chosen training steps, invisible to the training.
+
+A probe at step t measures at x_t, the parameters before update t, on fixed batches: the loss, the
+gradient norm, the top Hessian eigenvalue by Lanczos on Hessian-vector products, and, once the
+optimizer has made update t, the paper's finite-difference estimate along d = x_{t+1} - x_t.
+
+Afterwards the parameters, ``.grad`` tensors, buffers (BatchNorm statistics), train/eval modes and
+the global torch, numpy and Python RNG states are exactly as before: the probe never changes the
+run it observes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .estimators import finite_difference_smoothness, lanczos_top_eigenpair
+from .objective import (
+    LossFn,
+    ProbeObjective,
+    double_backward_backends,
+    flatten,
+    preserved_rng,
+    trainable_parameters,
+    unflatten,
+)
+
+ESTIMATORS = ("fd", "hvp")
+MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class HessianNorm:
+    """The spectral norm of the Hessian of f at the model's parameters.
+
+    ``value`` = |eigenvalue| >= 0; ``eigenvalue`` is the signed eigenvalue of largest magnitude;
+    ``eigenvector`` is its unit eigenvector as one flat tensor over the trainable parameters in
+    ``model.parameters()`` order; ``converged`` is true when the residual certifies the relative
+    error below ``rtol`` within the HVP budget.
+    """
+
+    value: float
+    eigenvalue: float
+    eigenvector: torch.Tensor
+    num_hvps: int
+    converged: bool
+    residual: float
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """One probe: the row written to ``probes/`` in the trajectory file."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    grad_noise: float
+    smoothness_fd: float
+    hessian_norm: float
+    hessian_eig: float
+    hvp_count: int
+    hessian_converged: bool
+    seconds: float
+
+    def as_row(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def unchanged_model_state(model: nn.Module, device: torch.device | None = None) -> Iterator[None]:
+    """Restore buffers, train/eval modes and all global RNG states on exit; enable autograd.
+
+    Parameters are not copied here: code that moves them restores them itself.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        with preserved_rng(device), torch.enable_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for module, training in modes:
+            module.training = training
+
+
+def _random_start(parameters: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    total = sum(p.numel() for p in parameters)
+    vector = torch.randn(total, generator=generator, dtype=torch.float64)
+    return vector.to(dtype=parameters[0].dtype, device=parameters[0].device)
+
+
+def _set_mode(model: nn.Module, mode: str | None) -> None:
+    if mode is not None:
+        model.train(mode == "train")
+
+
+def hessian_norm(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    *,
+    rtol: float = 1e-3,
+    max_hvps: int = 100,
+    start: torch.Tensor | None = None,
+    mode: str | None = None,
+    seed: int = 0,
+    retain_graph: bool | None = None,
+) -> HessianNorm:
+    """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over ``batches``.
+
+    Lanczos with full reorthogonalization on Hessian-vector products, stopped by a residual test
+    that certifies a relative error below ``rtol``; ``converged`` is false when ``max_hvps``
+    products did not suffice. The Hessian is taken in the model's own dtype and device, in its
+    current train/eval mode unless ``mode`` ("train" or "eval") is given; ``start`` (flat) warm
+    starts the solver, e.g. with a previous result's ``eigenvector``. Dropout draws one fixed mask
+    per batch (seeded by ``seed``). The model and the global RNG states are left as they were.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    >>> x = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    >>> loss = lambda m, b: (m(b) ** 2).sum() / 2      # Hessian = x^T x = diag(9, 1)
+    >>> result = hessian_norm(model, loss, [x])
+    >>> round(result.value, 4), result.converged
+    (9.0, True)
+    """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    parameters = trainable_parameters(model)
+    if not parameters:
+        raise ValueError("the model has no parameters with requires_grad=True")
+    device = parameters[0].device
+    with unchanged_model_state(model, device), double_backward_backends(device):
+        _set_mode(model, mode)
+        objective = ProbeObjective(model, loss_fn, batches, seed=seed, retain_graph=retain_graph)
+        objective.gradient(create_graph=True)
+        result = _top_eigenpair(objective, start, rtol=rtol, max_hvps=max_hvps, seed=seed)
+        objective.release()
+    return result
+
+
+def _top_eigenpair(
+    objective: ProbeObjective,
+    start: torch.Tensor | None,
+    *,
+    rtol: float,
+    max_hvps: int,
+    seed: int,
+) -> HessianNorm:
+    if start is None:
+        start = _random_start(objective.parameters, seed)
+    start = start.detach().reshape(-1).to(objective.parameters[0])
+    eig = lanczos_top_eigenpair(objective.hvp, start, rtol=rtol, max_matvecs=max_hvps)
+    return HessianNorm(
+        value=eig.value,
+        eigenvalue=eig.eigenvalue,
+        eigenvector=eig.eigenvector.detach(),
+        num_hvps=eig.num_matvecs,
+        converged=eig.converged,
+        residual=eig.residual,
+    )
+
+
+def every_k_steps(every: int) -> Callable[[int], bool]:
+    """Probe at steps 0, k, 2k, ...; ``every=0`` never probes."""
+    if every < 0:
+        raise ValueError(f"probe interval must be >= 0, got {every}")
+    if every == 0:
+        return lambda step: False
+    return lambda step: step % every == 0
+
+
+class Probe:
+    """Measures smoothness at scheduled steps of a training loop it does not disturb.
+
+    Use it around the optimizer step of each training iteration::
+
+        probe = Probe(model, loss_fn, probe_batches, every=10)
+        for step, batch in enumerate(loader):
+            with probe.around_step(step):
+                optimizer.zero_grad()
+                loss_fn(model, batch).backward()
+                optimizer.step()
+
+    ``probe.records`` holds one ``ProbeRecord`` per probe; ``on_record`` (e.g. a
+    ``TrajectoryWriter.append_probe``) is called with each as soon as it is complete.
+    ``estimators`` selects "fd" (finite difference along the update) and "hvp" (top Hessian
+    eigenvalue); ``fd_points`` are the fractions gamma of the update where the gradient is taken;
+    ``mode`` is the train/eval mode the probe objective is evaluated in ("train" as the paper's
+    code, "eval", or None for the model's own mode at the time).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        *,
+        every: int = 10,
+        schedule: Callable[[int], bool] | None = None,
+        estimators: Sequence[str] = ESTIMATORS,
+        rtol: float = 1e-3,
+        max_hvps: int = 100,
+        fd_points: Sequence[float] = (0.5,),
+        mode: str | None = "train",
+        seed: int = 0,
+        retain_graph: bool | None = None,
+        on_record: Callable[[ProbeRecord], None] | None = None,
+    ) -> None:
+        unknown = sorted(set(estimators) - set(ESTIMATORS))
+        if unknown:
+            raise ValueError(f"unknown estimator(s) {unknown}; choose from {list(ESTIMATORS)}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+        if any(not 0 < gamma <= 1 for gamma in fd_points) or not fd_points:
+            raise ValueError(f"fd_points must lie in (0, 1], got {list(fd_points)}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("the probe needs at least one batch")
+        self.schedule = schedule if schedule is not None else every_k_steps(every)
+        self.estimators = tuple(estimators)
+        self.rtol = rtol
+        self.max_hvps = max_hvps
+        self.fd_points = tuple(fd_points)
+        self.mode = mode
+        self.seed = seed
+        self.retain_graph = retain_graph
+        self.on_record = on_record
+        self.records: list[ProbeRecord] = []
+        self._eigenvector: torch.Tensor | None = None
+        self._pending: dict[str, Any] | None = None
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return trainable_parameters(self.model)
+
+    def is_due(self, step: int) -> bool:
+        return bool(self.schedule(step))
+
+    @contextlib.contextmanager
+    def around_step(self, step: int) -> Iterator[None]:
+        """Measure before the enclosed update when ``step`` is due, and finish after it."""
+        due = self.is_due(step)
+        if due:
+            self.before_step(step)
+        yield
+        if due:
+            self.after_step()
+
+    def _objective(self) -> ProbeObjective:
+        return ProbeObjective(
+            self.model,
+            self.loss_fn,
+            self.batches,
+            seed=self.seed,
+            retain_graph=self.retain_graph,
+        )
+
+    def before_step(self, step: int) -> None:
+        """Measure at x_t: loss, gradient, Hessian norm; remember x_t for the finite difference."""
+        started = time.perf_counter()
+        parameters = self.parameters
+        device = parameters[0].device
+        eig: HessianNorm | None = None
+        with unchanged_model_state(self.model, device), double_backward_backends(device):
+            _set_mode(self.model, self.mode)
+            objective = self._objective()
+            want_hvp = "hvp" in self.estimators
+            loss, gradient, spread = objective.gradient(create_graph=want_hvp)
+            if want_hvp:
+                eig = _top_eigenpair(
+                    objective,
+                    self._eigenvector,
+                    rtol=self.rtol,
+                    max_hvps=self.max_hvps,
+                    seed=self.seed + step + 1,
+                )
+                objective.release()
+                if math.isfinite(eig.eigenvalue):
+                    self._eigenvector = eig.eigenvector
+        self._pending = {
+            "step": step,
+            "loss": loss,
+            "gradient": gradient,
+            "grad_noise": float(spread),
+            "eig": eig,
+            "point": flatten([p.detach() for p in parameters]).clone()
+            if "fd" in self.estimators
+            else None,
+            "seconds": time.perf_counter() - started,
+        }
+
+    def after_step(self, *, update_made: bool = True) -> ProbeRecord:
+        """Finish the pending probe with the finite difference along the update just made."""
+        if self._pending is None:
+            raise RuntimeError("after_step() called without a matching before_step()")
+        pending, self._pending = self._pending, None
+        started = time.perf_counter()
+        smoothness_fd = math.nan
+        if pending["point"] is not None and update_made:
+            smoothness_fd = self._finite_difference(pending["point"], pending["gradient"])
+        eig: HessianNorm | None = pending["eig"]
+        record = ProbeRecord(
+            step=pending["step"],
+            loss=pending["loss"],
+            grad_norm=float(torch.linalg.vector_norm(pending["gradient"])),
+            grad_noise=pending["grad_noise"],
+            smoothness_fd=smoothness_fd,
+            hessian_norm=eig.value if eig else math.nan,
+            hessian_eig=eig.eigenvalue if eig else math.nan,
+            hvp_count=eig.num_hvps if eig else 0,
+            hessian_converged=eig.converged if eig else False,
+            seconds=pending["seconds"] + time.perf_counter() - started,
+        )
+        self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    def _finite_difference(self, point: torch.Tensor, gradient: torch.Tensor) -> float:
+        parameters = self.parameters
+        device = parameters[0].device
+        updated = flatten([p.detach() for p in parameters]).clone()
+        direction = updated - point
+        step_norm = float(torch.linalg.vector_norm(direction))
+
+        def gradient_at(gamma: float) -> torch.Tensor:
+            with torch.no_grad():
+                for parameter, value in zip(parameters, unflatten(point + gamma * direction, parameters)):
+                    parameter.copy_(value)
+            return self._objective().gradient()[1]
+
+        try:
+            with unchanged_model_state(self.model, device):
+                _set_mode(self.model, self.mode)
+                return finite_difference_smoothness(
+                    gradient_at, gradient, step_norm, self.fd_points
+                )
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(parameters, unflatten(updated, parameters)):
+                    parameter.copy_(value)

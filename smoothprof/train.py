@@ -1,0 +1,305 @@
+"""The training loop that ``smoothprof run`` drives: optimizer, clipping, device, probe, file.
+
+Seeding and order are fixed so that a run with probes and a run without them train bit for bit
+the same on the CPU: the probe batches are drawn, and the probe measures, under a saved RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
+from .objective import trainable_parameters
+from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+class ConfigError(ValueError):
+    """A run option has a value that cannot work; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of ``smoothprof run``; stored as JSON in the trajectory file."""
+
+    steps: int = 500
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    clip: float | None = None
+    probe_every: int = 10
+    probe_batches: int = 4
+    estimators: tuple[str, ...] = ESTIMATORS
+    fd_points: tuple[float, ...] = (0.5,)
+    probe_mode: str = "train"
+    rtol: float = 1e-3
+    max_hvps: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(
+        cls, defaults: Mapping[str, Any], overrides: Mapping[str, Any]
+    ) -> RunConfig:
+        """Built-in defaults, then the model file's ``defaults``, then command-line values."""
+        names = set(cls.option_names())
+        unknown = sorted(set(defaults) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) in defaults: {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        values = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        for key in ("estimators", "fd_points"):
+            if key in values and not isinstance(values[key], tuple):
+                raw = values[key]
+                values[key] = tuple(raw.split(",")) if isinstance(raw, str) else tuple(raw)
+        try:
+            config = cls(**values)
+        except TypeError as error:
+            raise ConfigError(str(error)) from None
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value that cannot work."""
+        problems = []
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            problems.append(f"steps must be a positive integer, got {self.steps!r}")
+        if not _positive(self.lr):
+            problems.append(f"lr must be positive, got {self.lr!r}")
+        if self.clip is not None and not _positive(self.clip):
+            problems.append(f"clip must be positive, got {self.clip!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        unknown = [e for e in self.estimators if e not in ESTIMATORS]
+        if unknown or not self.estimators:
+            problems.append(
+                f"unknown estimator(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(ESTIMATORS)}"
+            )
+        if not isinstance(self.probe_every, int) or self.probe_every < 0:
+            problems.append(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        if not isinstance(self.probe_batches, int) or self.probe_batches <= 0:
+            problems.append(f"probe_batches must be a positive integer, got {self.probe_batches!r}")
+        if any(not (isinstance(g, (int, float)) and 0 < g <= 1) for g in self.fd_points):
+            problems.append(f"fd_points must lie in (0, 1], got {list(self.fd_points)}")
+        if self.probe_mode not in MODES:
+            problems.append(f"probe_mode must be one of {', '.join(MODES)}, got {self.probe_mode!r}")
+        if not _positive(self.rtol):
+            problems.append(f"rtol must be positive, got {self.rtol!r}")
+        if not isinstance(self.max_hvps, int) or self.max_hvps <= 0:
+            problems.append(f"max_hvps must be a positive integer, got {self.max_hvps!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                problems.append(f"unknown device {self.device!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def as_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["estimators"] = list(self.estimators)
+        data["fd_points"] = list(self.fd_points)
+        return data
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, tuple/list or dict of them, nested) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(value, device) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def make_optimizer(config: RunConfig, parameters: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr)
+    if config.optimizer == "momentum":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(parameters, lr=config.lr)
+
+
+def gradient_norm(parameters: list[torch.Tensor], max_norm: float | None) -> float:
+    """The total gradient norm before clipping; clips in place when ``max_norm`` is given."""
+    if max_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm))
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def _cycle(model_file: ModelFile, loader: Any) -> Iterator[Any]:
+    """Batches forever: the dataloader is iterated again as often as needed."""
+    while True:
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count == 0:
+            raise model_file.error("dataloader() yields no batches")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the loop tells its caller after each optimizer step (for a progress display)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    probe: ProbeRecord | None
+
+
+@dataclass
+class RunResult:
+    steps_done: int = 0
+    final_loss: float = math.nan
+    probes: list[ProbeRecord] = field(default_factory=list)
+    diverged_at: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+
+@dataclass
+class PreparedRun:
+    """Model, data, probe batches and optimizer, ready to train; all user code already checked."""
+
+    model_file: ModelFile
+    config: RunConfig
+    device: torch.device
+    model: torch.nn.Module
+    loader: Any
+    probe_batches: list[Any]
+    optimizer: torch.optim.Optimizer
+
+
+def prepare_run(model_file: ModelFile, config: RunConfig) -> PreparedRun:
+    """Seed, build the model and data, draw the probe batches, and check the loss on them."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model = instantiate_model(model_file).to(device)
+    model.train()
+    loader = make_dataloader(model_file)
+    with unchanged_model_state(model, device):
+        seed_everything(config.seed)
+        probe_batches = [
+            move_to_device(b, device) for b in first_batches(model_file, config.probe_batches)
+        ]
+        check_loss(model_file, model, probe_batches[0])
+    optimizer = make_optimizer(config, trainable_parameters(model))
+    return PreparedRun(model_file, config, device, model, loader, probe_batches, optimizer)
+
+
+def train(
+    run: PreparedRun,
+    *,
+    on_probe: Callable[[ProbeRecord], None] | None = None,
+    on_train_row: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> RunResult:
+    """Train for ``config.steps`` optimizer steps, probing on schedule.
+
+    Stops early, with ``diverged_at`` set, at the first non-finite loss or gradient norm (that
+    step is recorded, no update is made).
+    """
+    config, model, model_file = run.config, run.model, run.model_file
+    parameters = trainable_parameters(model)
+    result = RunResult()
+    probe = Probe(
+        model,
+        model_file.call_loss,
+        run.probe_batches,
+        every=config.probe_every,
+        estimators=config.estimators,
+        rtol=config.rtol,
+        max_hvps=config.max_hvps,
+        fd_points=config.fd_points,
+        mode=config.probe_mode,
+        seed=config.seed,
+        on_record=on_probe,
+    )
+    started = time.perf_counter()
+    batches = _cycle(model_file, run.loader)
+    for step in range(config.steps):
+        batch = move_to_device(next(batches), run.device)
+        probed = probe.is_due(step)
+        if probed:
+            probe.before_step(step)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_tensor = model_file.call_loss(model, batch)
+        loss_tensor.backward()
+        loss = float(loss_tensor.detach())
+        norm = gradient_norm(parameters, config.clip)
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            run.optimizer.step()
+        record = probe.after_step(update_made=finite) if probed else None
+        row = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": norm,
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "clipped": config.clip is not None and norm > config.clip,
+        }
+        if on_train_row is not None:
+            on_train_row(row)
+        result.steps_done = step + 1
+        result.final_loss = loss
+        if record is not None:
+            result.probes.append(record)
+        if on_step is not None:
+            on_step(StepReport(step, loss, norm, record))
+        if not finite:
+            result.diverged_at = step
+            break
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def save_state_dict(model: torch.nn.Module, path: str | Path) -> None:
+    torch.save(model.state_dict(), Path(path))

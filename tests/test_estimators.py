@@ -1,0 +1,122 @@
+"""The eigen-solvers and the finite difference on plain matrices, where the answer is known."""
+
+import math
+
+import pytest
+import torch
+
+from smoothprof.estimators import (
+    finite_difference_smoothness,
+    lanczos_top_eigenpair,
+    power_iteration_top_eigenpair,
+)
+
+
+def symmetric(eigenvalues, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def start(n, seed=1):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rtol", [1e-3, 1e-6, 1e-10])
+def test_lanczos_certified_on_random_symmetric_matrix(rtol):
+    a = torch.randn(200, 200, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    matrix = (a + a.T) / 2
+    exact = torch.linalg.eigvalsh(matrix)
+    exact_top = float(exact[exact.abs().argmax()])
+    result = lanczos_top_eigenpair(lambda v: matrix @ v, start(200), rtol=rtol, max_matvecs=200)
+    assert result.converged
+    assert abs(result.eigenvalue - exact_top) <= rtol * abs(exact_top)
+    # the residual the solver reports is the true residual of the pair it returns
+    u = result.eigenvector
+    true_residual = torch.linalg.vector_norm(matrix @ u - result.eigenvalue * u)
+    assert float(true_residual) == pytest.approx(result.residual, rel=1e-3, abs=1e-9)
+
+
+def test_lanczos_negative_dominant_eigenvalue():
+    matrix = symmetric([-7.0, 5.0, 3.0, 1.0, 0.5, -0.1])
+    result = lanczos_top_eigenpair(lambda v: matrix @ v, start(6), rtol=1e-8)
+    assert result.eigenvalue == pytest.approx(-7.0, rel=1e-8)
+    assert result.value == pytest.approx(7.0, rel=1e-8)
+
+
+def test_lanczos_clustered_top_eigenvalues():
+    eigenvalues = [10.0, 10.0 - 1e-6, 10.0 - 2e-6, 9.999] + [float(i) / 10 for i in range(60)]
+    matrix = symmetric(eigenvalues)
+    result = lanczos_top_eigenpair(lambda v: matrix @ v, start(len(eigenvalues)), rtol=1e-3)
+    assert result.converged
+    assert abs(result.eigenvalue - 10.0) <= 1e-3 * 10.0
+
+
+def test_lanczos_invariant_subspace_is_exact():
+    vector = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    matrix = torch.outer(vector, vector)  # rank one: eigenvalue 9
+    result = lanczos_top_eigenpair(lambda v: matrix @ v, start(3), rtol=1e-12)
+    assert result.converged
+    assert result.eigenvalue == pytest.approx(9.0, rel=1e-12)
+    assert result.num_matvecs <= 2
+
+
+def test_lanczos_says_when_budget_is_too_small():
+    a = torch.randn(300, 300, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    matrix = (a + a.T) / 2
+    result = lanczos_top_eigenpair(lambda v: matrix @ v, start(300), rtol=1e-9, max_matvecs=5)
+    assert not result.converged
+    assert result.num_matvecs == 5
+    assert result.residual > 1e-9 * result.value
+
+
+def test_lanczos_zero_matrix():
+    result = lanczos_top_eigenpair(lambda v: 0 * v, start(4))
+    assert result.converged and result.eigenvalue == 0.0
+
+
+def test_lanczos_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        lanczos_top_eigenpair(lambda v: v, torch.zeros(3))
+    with pytest.raises(ValueError):
+        lanczos_top_eigenpair(lambda v: v, torch.ones(3), rtol=0)
+
+
+def test_power_iteration_stopping_rule_is_no_certificate():
+    # Two eigenvalues close in magnitude: the Rayleigh quotient creeps, the change looks small.
+    matrix = symmetric([10.0, 9.9] + [1.0] * 50, seed=2)
+    power = power_iteration_top_eigenpair(lambda v: matrix @ v, start(52), rtol=1e-3)
+    lanczos = lanczos_top_eigenpair(lambda v: matrix @ v, start(52), rtol=1e-3)
+    assert lanczos.converged and abs(lanczos.eigenvalue - 10.0) <= 1e-2
+    assert not power.converged or abs(power.eigenvalue - 10.0) <= 1e-2
+
+
+def test_finite_difference_on_a_quadratic_is_the_secant():
+    matrix = symmetric([4.0, 1.0, -2.0])
+    x = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    d = torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64)
+    expected = float(torch.linalg.vector_norm(matrix @ d) / torch.linalg.vector_norm(d))
+    for fractions in [(0.5,), (0.25, 0.5, 1.0)]:
+        estimate = finite_difference_smoothness(
+            lambda gamma: matrix @ (x + gamma * d),
+            matrix @ x,
+            float(torch.linalg.vector_norm(d)),
+            fractions,
+        )
+        assert estimate == pytest.approx(expected, rel=1e-12)
+
+
+def test_finite_difference_takes_the_max_over_points():
+    # f(x) = x^3 / 3 in 1-D: f' = x^2; secant from 0 over gamma*d is gamma*d.
+    d = 2.0
+    estimate = finite_difference_smoothness(
+        lambda gamma: torch.tensor([(gamma * d) ** 2]), torch.tensor([0.0]), d, (0.25, 0.5, 1.0)
+    )
+    assert estimate == pytest.approx(2.0)
+
+
+def test_finite_difference_without_an_update_is_nan():
+    assert math.isnan(finite_difference_smoothness(lambda g: torch.ones(2), torch.ones(2), 0.0))
+    with pytest.raises(ValueError):
+        finite_difference_smoothness(lambda g: torch.ones(2), torch.ones(2), 1.0, (1.5,))

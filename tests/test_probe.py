@@ -1,0 +1,197 @@
+"""The probe against exact float64 references, and its invisibility to the training it observes."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import dense_hessian, small_models, top_eigenvalue
+from torch import nn
+
+from smoothprof import Probe, hessian_norm
+from smoothprof.objective import ProbeObjective, flatten
+
+
+@pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
+@pytest.mark.parametrize("retain_graph", [True, False])
+def test_hessian_norm_matches_dense_hessian(name, model, loss_fn, batches, retain_graph):
+    exact = top_eigenvalue(dense_hessian(model, loss_fn, batches))
+    for rtol in (1e-3, 1e-8):
+        result = hessian_norm(model, loss_fn, batches, rtol=rtol, retain_graph=retain_graph)
+        assert result.converged
+        assert abs(result.eigenvalue - exact) <= rtol * abs(exact), name
+        assert result.value == abs(result.eigenvalue)
+
+
+@pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
+def test_hvp_matches_dense_hessian_columns(name, model, loss_fn, batches):
+    hessian = dense_hessian(model, loss_fn, batches)
+    objective = ProbeObjective(model, loss_fn, batches, retain_graph=True)
+    objective.gradient(create_graph=True)
+    vector = torch.randn(hessian.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(objective.hvp(vector), hessian @ vector, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_model_is_measured_in_float32():
+    _, model, loss_fn, batches = small_models()[0]
+    exact = top_eigenvalue(dense_hessian(model, loss_fn, batches))
+    model32 = model.float()
+    batches32 = [(x.float(), y) for x, y in batches]
+    result = hessian_norm(model32, loss_fn, batches32, rtol=1e-3)
+    assert result.eigenvector.dtype == torch.float32
+    assert abs(result.eigenvalue - exact) <= 2e-3 * abs(exact)
+    model.double()
+
+
+class Coordinates(nn.Module):
+    """A model that is just a parameter vector; the loss is a sum over its coordinates."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor(values, dtype=torch.float64))
+
+    def forward(self, _batch):
+        return self.x
+
+
+def cosh_loss(b):
+    return lambda model, batch: (torch.cosh(b * model(batch)) / b**2).sum()
+
+
+def test_hessian_norm_on_known_l0_l1_function():
+    # f(x) = sum cosh(b x_i) / b^2: Hessian diag(cosh(b x_i)), (L0, L1) = (1, b) [theory.md 1].
+    b = 3.0
+    model = Coordinates([0.1, -0.4, 0.7, 0.2])
+    result = hessian_norm(model, cosh_loss(b), [None], rtol=1e-10)
+    expected = math.cosh(b * 0.7)
+    assert result.value == pytest.approx(expected, rel=1e-9)
+    gradient = torch.sinh(b * model.x.detach()) / b
+    assert result.value <= 1 + b * float(torch.linalg.vector_norm(gradient)) + 1e-12
+
+
+def test_hessian_norm_negative_curvature():
+    # f(x) = -sum x_i^2 * c_i / 2 + x_0^4: at x = 0 the Hessian is diag(-c).
+    model = Coordinates([0.0, 0.0, 0.0])
+    c = torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)
+    result = hessian_norm(model, lambda m, b: -(c * m(b) ** 2).sum() / 2 + m(b)[0] ** 4, [None])
+    assert result.eigenvalue == pytest.approx(-5.0, rel=1e-6)
+    assert result.value == pytest.approx(5.0, rel=1e-6)
+
+
+def test_finite_difference_matches_exact_gradients():
+    _, model, loss_fn, batches = small_models()[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    probe = Probe(model, loss_fn, batches, every=1, estimators=("fd",), fd_points=(0.5, 1.0))
+    x0 = flatten([p.detach() for p in model.parameters()]).clone()
+    probe.before_step(0)
+    optimizer.zero_grad()
+    loss_fn(model, batches[0]).backward()
+    optimizer.step()
+    record = probe.after_step()
+    x1 = flatten([p.detach() for p in model.parameters()]).clone()
+
+    def exact_gradient(point):
+        objective_model = small_models()[0][1]
+        with torch.no_grad():
+            for p, chunk in zip(objective_model.parameters(),
+                                torch.split(point, [p.numel() for p in model.parameters()])):
+                p.copy_(chunk.view_as(p))
+        return ProbeObjective(objective_model, loss_fn, batches).gradient()[1]
+
+    d = x1 - x0
+    g0 = exact_gradient(x0)
+    expected = max(
+        float(torch.linalg.vector_norm(exact_gradient(x0 + gamma * d) - g0))
+        / (gamma * float(torch.linalg.vector_norm(d)))
+        for gamma in (0.5, 1.0)
+    )
+    assert record.smoothness_fd == pytest.approx(expected, rel=1e-10)
+    assert record.grad_norm == pytest.approx(float(torch.linalg.vector_norm(g0)), rel=1e-12)
+    assert math.isnan(record.hessian_norm) and record.hvp_count == 0
+
+
+class NoisyNet(nn.Module):
+    """BatchNorm and dropout: the two layers that make probing hard to keep invisible."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _state(model, optimizer):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "modes": [m.training for m in model.modules()],
+        "optimizer": repr(optimizer.state_dict()),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+        "python_rng": random.getstate(),
+    }
+
+
+def _assert_same_state(a, b):
+    for key in ("params", "buffers"):
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), key
+    for x, y in zip(a["grads"], b["grads"]):
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert a["modes"] == b["modes"]
+    assert a["optimizer"] == b["optimizer"]
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    assert np.array_equal(a["numpy_rng"], b["numpy_rng"])
+    assert a["python_rng"] == b["python_rng"]
+
+
+def test_probe_leaves_every_piece_of_state_as_it_was():
+    torch.manual_seed(0)
+    model = NoisyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    optimizer.step()
+    model.body[3].eval()  # a mixed-mode model: the probe must restore each module's own mode
+    before = _state(model, optimizer)
+    hessian_norm(model, loss_fn, batches, mode="train")
+    _assert_same_state(before, _state(model, optimizer))
+    probe = Probe(model, loss_fn, batches, every=1)
+    probe.before_step(0)
+    _assert_same_state(before, _state(model, optimizer))
+    record = probe.after_step()
+    _assert_same_state(before, _state(model, optimizer))
+    assert record.hessian_converged and record.smoothness_fd != record.smoothness_fd  # no update
+
+
+def test_dropout_masks_fixed_within_a_probe():
+    torch.manual_seed(0)
+    model = NoisyNet()
+    batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    objective = ProbeObjective(model, loss_fn, batches)
+    first = objective.gradient()
+    second = objective.gradient()
+    assert first[0] == second[0]
+    assert torch.equal(first[1], second[1])
+
+
+def test_warm_start_reduces_hvps():
+    torch.manual_seed(0)
+    _, model, loss_fn, batches = small_models()[2]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = Probe(model, loss_fn, batches, every=1, estimators=("hvp",), rtol=1e-6)
+    for step in range(4):
+        with probe.around_step(step):
+            optimizer.zero_grad()
+            loss_fn(model, batches[0]).backward()
+            optimizer.step()
+    counts = [r.hvp_count for r in probe.records]
+    assert all(r.hessian_converged for r in probe.records)
+    assert max(counts[1:]) < counts[0]
