@@ -11,8 +11,10 @@ from .estimators import (
     lanczos_top_eigenpair,
     power_iteration_top_eigenpair,
 )
+from .fit import EnvelopeFit, FitError, fit_envelope
 from .loading import ModelFile, ModelFileError, default_loss, load_model_file
 from .probe import HessianNorm, Probe, ProbeRecord, every_k_steps, hessian_norm
+from .recommend import Recommendation, Recommendations, pytorch_snippet, recommend
 from .trajectory import Trajectory, TrajectoryError, TrajectoryWriter, read_trajectory
 
 try:
@@ -42,8 +44,8 @@ __all__ = [
     "hessian_norm",
     "lanczos_top_eigenpair",
     "load_model_file",
+    "power_iteration_top_eigenpair",
     "pytorch_snippet",
     "read_trajectory",
     "recommend",
-    "power_iteration_top_eigenpair",
 ]

@@ -9,6 +9,7 @@ always in the trajectory file.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from . import __version__
 from .display import (
@@ -40,6 +42,7 @@ from .display import (
     probe_line,
     recommendations_view,
     series_plot,
+    to_ascii,
 )
 from .fit import EnvelopeFit, FitError, fit_envelope
 from .loading import ModelFileError, load_model_file
@@ -84,7 +87,9 @@ def _version_callback(value: bool) -> None:
 def main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """smoothprof: (L0, L1)-smoothness profiler for PyTorch training."""
@@ -124,6 +129,20 @@ def _stdout_console(width: int) -> Console:
     return Console(width=width, highlight=False, no_color=not color, force_terminal=color or None)
 
 
+def _emit(width: int, ascii_only: bool, *renderables: Any) -> None:
+    """Print to stdout; with ``ascii_only`` every table border and symbol is made ASCII."""
+    console = _stdout_console(width)
+    if not ascii_only:
+        for renderable in renderables:
+            console.print(renderable)
+        return
+    plain = Console(width=width, highlight=False, no_color=True, file=io.StringIO())
+    with plain.capture() as capture:
+        for renderable in renderables:
+            plain.print(renderable)
+    typer.echo(to_ascii(capture.get()), nl=False)
+
+
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show the full traceback instead of a one-line error.")
 ]
@@ -132,7 +151,10 @@ WidthOption = Annotated[
     typer.Option("--width", min=40, help="Output width in columns (default: $COLUMNS, else 100)."),
 ]
 AsciiOption = Annotated[
-    bool, typer.Option("--ascii", help="Draw plots with ASCII characters only (for logs that mangle others).")
+    bool,
+    typer.Option(
+        "--ascii", help="Draw plots with ASCII characters only (for logs that mangle others)."
+    ),
 ]
 
 
@@ -146,13 +168,21 @@ def _check_choices(values: list[str], allowed: tuple[str, ...], what: str) -> No
 
 @app.command()
 def run(
-    model_file: Annotated[Path, typer.Argument(help="Python file defining model() and dataloader().")],
+    model_file: Annotated[
+        Path, typer.Argument(help="Python file defining model() and dataloader().")
+    ],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Trajectory file to write (default: MODEL_FILE stem + .h5)."),
+        typer.Option(
+            "--output", "-o", help="Trajectory file to write (default: MODEL_FILE stem + .h5)."
+        ),
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps [default: 500].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Step size (learning rate) [default: 0.1].")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimizer steps [default: 500].")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Step size (learning rate) [default: 0.1].")
+    ] = None,
     optimizer: Annotated[
         str | None, typer.Option(help=f"One of {', '.join(OPTIMIZERS)} [default: sgd].")
     ] = None,
@@ -160,7 +190,8 @@ def run(
         float | None, typer.Option(help="Clip the gradient norm at this threshold [default: off].")
     ] = None,
     probe_every: Annotated[
-        int | None, typer.Option(min=0, help="Probe every K steps; 0 turns probing off [default: 10].")
+        int | None,
+        typer.Option(min=0, help="Probe every K steps; 0 turns probing off [default: 10]."),
     ] = None,
     probe_batches: Annotated[
         int | None,
@@ -168,29 +199,42 @@ def run(
     ] = None,
     estimators: Annotated[
         str | None,
-        typer.Option(help="Comma-separated: fd (finite difference), hvp (top Hessian eigenvalue) [default: fd,hvp]."),
+        typer.Option(
+            help="Comma-separated: fd (finite difference), hvp (top Hessian eigenvalue) "
+            "[default: fd,hvp]."
+        ),
     ] = None,
     fd_points: Annotated[
         str | None,
-        typer.Option(help="Comma-separated fractions of the update where fd takes the gradient [default: 0.5]."),
+        typer.Option(
+            help="Comma-separated fractions of the update where fd takes the gradient "
+            "[default: 0.5]."
+        ),
     ] = None,
     probe_mode: Annotated[
-        str | None, typer.Option(help="Evaluate the probe objective in train or eval mode [default: train].")
+        str | None,
+        typer.Option(help="Evaluate the probe objective in train or eval mode [default: train]."),
     ] = None,
     rtol: Annotated[
-        float | None, typer.Option(help="Relative error the Hessian eigen-solver certifies [default: 1e-3].")
+        float | None,
+        typer.Option(help="Relative error the Hessian eigen-solver certifies [default: 1e-3]."),
     ] = None,
     max_hvps: Annotated[
-        int | None, typer.Option(min=1, help="Hessian-vector products per probe at most [default: 100].")
+        int | None,
+        typer.Option(min=1, help="Hessian-vector products per probe at most [default: 100]."),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for model, data and probe [default: 0].")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for model, data and probe [default: 0].")
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     ] = None,
     save_model: Annotated[
         Path | None, typer.Option(help="Write the final state_dict here (torch.save).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing output file.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train the model of MODEL_FILE while probing its smoothness; write the trajectory (HDF5).
@@ -322,7 +366,8 @@ def _progress(console: Console, total: int) -> Iterator[Any]:
             last["probe"] = probe_line(step.probe)
         if (step.step + 1) % every == 0 or step.step + 1 == total:
             console.print(
-                f"step {step.step + 1}/{total}  loss {format_number(step.loss, 4)}  {last['probe']}",
+                f"step {step.step + 1}/{total}  loss {format_number(step.loss, 4)}  "
+                f"{last['probe']}",
                 markup=False,
             )
 
@@ -347,7 +392,9 @@ def _choose_estimator(trajectories: list[Trajectory], estimator: str | None) -> 
         if estimator not in ESTIMATOR_COLUMNS:
             raise typer.BadParameter(f"--estimator must be hvp or fd, got {estimator!r}")
         if not has(ESTIMATOR_COLUMNS[estimator]):
-            raise FitError(f"no {estimator} measurements in {', '.join(str(t.path) for t in trajectories)}")
+            raise FitError(
+                f"no {estimator} measurements in {', '.join(str(t.path) for t in trajectories)}"
+            )
         return estimator
     for name in ("hvp", "fd"):
         if has(ESTIMATOR_COLUMNS[name]):
@@ -406,20 +453,30 @@ def fit_as_json(
 @app.command()
 def fit(
     trajectory_files: Annotated[
-        list[Path], typer.Argument(help="Trajectory file(s) written by smoothprof run; several are fitted together.")
+        list[Path],
+        typer.Argument(
+            help="Trajectory file(s) written by smoothprof run; several are fitted together."
+        ),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables and plots.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of tables and plots.")
+    ] = False,
     quantile: Annotated[
         float, typer.Option(min=0.5, max=0.999, help="Quantile of the envelope fit.")
     ] = 0.95,
     estimator: Annotated[
-        str | None, typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present].")
+        str | None,
+        typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present]."),
     ] = None,
-    skip_steps: Annotated[int, typer.Option(min=0, help="Drop probes before this step (transient).")] = 0,
+    skip_steps: Annotated[
+        int, typer.Option(min=0, help="Drop probes before this step (transient).")
+    ] = 0,
     bootstrap: Annotated[
         int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals (0: none).")
     ] = 200,
-    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw the log-log scatter.")] = True,
+    plot: Annotated[
+        bool, typer.Option("--plot/--no-plot", help="Draw the log-log scatter.")
+    ] = True,
     width: WidthOption = None,
     ascii_only: AsciiOption = False,
     debug: DebugOption = False,
@@ -442,28 +499,27 @@ def fit(
         typer.echo(json.dumps(fit_as_json(envelope, recs, chosen, files), indent=2))
         return
     out_width = _output_width(width)
-    console = _stdout_console(out_width)
-    console.print(fit_summary(envelope, chosen, files))
+    parts: list[Any] = [fit_summary(envelope, chosen, files)]
     if plot:
-        console.print(
-            envelope_plot(
-                grad_norm,
-                smoothness,
-                envelope,
-                width=out_width,
-                color=_use_color(),
-                ascii_only=ascii_only,
-                smoothness_label=ESTIMATOR_LABELS[chosen],
-            ),
-            markup=False,
-            highlight=False,
+        figure = envelope_plot(
+            grad_norm,
+            smoothness,
+            envelope,
+            width=out_width,
+            color=_use_color() and not ascii_only,
+            ascii_only=ascii_only,
+            smoothness_label=ESTIMATOR_LABELS[chosen],
         )
-    console.print(recommendations_view(recs))
+        parts.append(Text.from_ansi(figure) if _use_color() else Text(figure))
+    parts.append(recommendations_view(recs))
+    _emit(out_width, ascii_only, *parts)
 
 
 @app.command()
 def plot(
-    trajectory_file: Annotated[Path, typer.Argument(help="Trajectory file written by smoothprof run.")],
+    trajectory_file: Annotated[
+        Path, typer.Argument(help="Trajectory file written by smoothprof run.")
+    ],
     width: WidthOption = None,
     ascii_only: AsciiOption = False,
     debug: DebugOption = False,
@@ -474,9 +530,7 @@ def plot(
         if trajectory.num_probes == 0 and not len(trajectory.train.get("step", [])):
             raise TrajectoryError(f"{trajectory_file}: holds no rows yet")
     out_width = _output_width(width)
-    console = _stdout_console(out_width)
-    console.print(
-        series_plot(trajectory, width=out_width, color=_use_color(), ascii_only=ascii_only),
-        markup=False,
-        highlight=False,
+    figure = series_plot(
+        trajectory, width=out_width, color=_use_color() and not ascii_only, ascii_only=ascii_only
     )
+    _emit(out_width, ascii_only, Text.from_ansi(figure) if _use_color() else Text(figure))

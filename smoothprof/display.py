@@ -7,6 +7,7 @@ log; colour is added only when asked, and ``ascii_only`` swaps box-drawing chara
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,12 +21,49 @@ from .fit import EnvelopeFit
 from .recommend import Recommendations, pytorch_snippet
 from .trajectory import Trajectory
 
+
+def _box_drawing_as_ascii() -> dict[str, str]:
+    table = {}
+    for code in range(0x2500, 0x2580):
+        name = unicodedata.name(chr(code), "")
+        horizontal, vertical = "HORIZONTAL" in name, "VERTICAL" in name
+        table[chr(code)] = (
+            "-" if horizontal and not vertical else "|" if vertical and not horizontal else "+"
+        )
+    return table
+
+
 _ASCII = str.maketrans(
     {
-        "┌": "+", "┐": "+", "└": "+", "┘": "+", "┤": "+", "├": "+", "┬": "+", "┴": "+",
-        "┼": "+", "─": "-", "│": "|", "•": "*", "·": ".", "⋅": ".",
+        **_box_drawing_as_ascii(),
+        "•": "*",
+        "·": "*",
+        "⋅": "*",
+        "τ": "tau",
+        "η": "eta",
+        "γ": "gamma",
+        "β": "beta",
+        "≤": "<=",
+        "≥": ">=",
+        "√": "sqrt",
+        "²": "^2",
+        "—": "-",
+        "–": "-",
+        "×": "x",
+        "…": "...",
+        "‖": "||",
+        "’": "'",
+        "“": '"',
+        "”": '"',
     }
 )
+
+
+def to_ascii(text: str) -> str:
+    """Text with only ASCII characters: box drawing and symbols spelled out, the rest as '?'."""
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+
+
 ESTIMATOR_COLUMNS = {"hvp": "hessian_norm", "fd": "smoothness_fd"}
 ESTIMATOR_LABELS = {
     "hvp": "||Hessian|| (top |eigenvalue|, Lanczos)",
@@ -37,11 +75,14 @@ def _finish(text: str, *, color: bool, ascii_only: bool) -> str:
     if not color:
         text = plt.uncolorize(text)
     if ascii_only:
-        text = text.translate(_ASCII)
+        text = to_ascii(text)
     return "\n".join(line.rstrip() for line in text.splitlines())
 
 
 def _start_figure(width: int, height: int, color: bool) -> None:
+    # plotext keeps one global figure, and clear_figure() clears only the active subplot:
+    # select the main figure first, so nothing of an earlier plot leaks into this one.
+    plt.main()
     plt.clear_figure()
     plt.plotsize(width, height)
     plt.theme("pro" if color else "clear")
@@ -73,7 +114,9 @@ def envelope_plot(
     plt.xscale("log")
     plt.yscale("log")
     if len(g):
-        plt.scatter(g.tolist(), s.tolist(), marker="*", label="probes", color="blue+" if color else None)
+        plt.scatter(
+            g.tolist(), s.tolist(), marker="*", label="probes", color="blue+" if color else None
+        )
         grid = np.geomspace(g.min(), g.max(), 60)
         envelope = fit.L0 + fit.L1 * grid
         plt.plot(
@@ -99,7 +142,9 @@ def series_plot(
     """Loss, gradient norm and both smoothness estimates over training steps (log y)."""
     probes, train = trajectory.probes, trajectory.train
     panels = [("loss", [("train loss", train, "loss"), ("probe loss", probes, "loss")])]
-    panels.append(("gradient norm", [("train", train, "grad_norm"), ("probe", probes, "grad_norm")]))
+    panels.append(
+        ("gradient norm", [("train", train, "grad_norm"), ("probe", probes, "grad_norm")])
+    )
     panels.append(
         (
             "smoothness",
@@ -187,7 +232,8 @@ def recommendations_view(recs: Recommendations) -> Group:
     lines = [
         Text(recs.explanation),
         Text(
-            f"Plain GD at the observed fixed step 1/L_max = {format_number(recs.fixed_step_observed)}; "
+            "Plain GD at the observed fixed step 1/L_max = "
+            f"{format_number(recs.fixed_step_observed)}; "
             f"predicted speedup of the headline rule: {format_number(recs.predicted_speedup, 3)}x "
             "(a ratio of worst-case bounds, not a promise)."
         ),

@@ -27,9 +27,9 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 class EigenResult:
     """The eigenvalue of largest magnitude of a symmetric operator, as an eigen-solver found it.
 
-    ``residual`` is ||H u - eigenvalue * u|| for the unit vector ``u = eigenvector``; for a symmetric
-    H some eigenvalue lies within ``residual`` of ``eigenvalue``. ``converged`` is true only when
-    ``residual <= rtol * |eigenvalue|`` (or the Krylov space became invariant).
+    ``residual`` is ||H u - eigenvalue * u|| for the unit vector ``u = eigenvector``; for a
+    symmetric H some eigenvalue lies within ``residual`` of ``eigenvalue``. ``converged`` is true
+    only when ``residual <= rtol * |eigenvalue|`` (or the Krylov space became invariant).
     """
 
     eigenvalue: float
@@ -133,7 +133,9 @@ def power_iteration_top_eigenpair(
     vector = start.reshape(-1) / torch.linalg.vector_norm(start)
     eigenvalue = math.nan
     residual = math.inf
-    for count in range(1, max_matvecs + 1):
+    count = 0
+    while count < max_matvecs:
+        count += 1
         product = matvec(vector).reshape(-1)
         new_eigenvalue = float(torch.dot(vector, product))
         residual = float(torch.linalg.vector_norm(product - new_eigenvalue * vector))

@@ -31,7 +31,7 @@ class ModelFileError(Exception):
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``cross_entropy(model(x), y)`` for a batch ``(x, y)``: the loss when the file defines none."""
+    """``cross_entropy(model(x), y)`` for a batch ``(x, y)``: the loss if the file defines none."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             f"the default loss needs batches (x, y), got {_describe(batch)}; "
@@ -172,7 +172,9 @@ def instantiate_model(model_file: ModelFile) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise model_file.error(f"model() returned {_describe(model)}, not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
-        raise model_file.error("model() has no parameters with requires_grad=True; nothing to train")
+        raise model_file.error(
+            "model() has no parameters with requires_grad=True; nothing to train"
+        )
     return model
 
 

@@ -21,7 +21,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The parameters f is a function of: those with ``requires_grad``, in ``parameters()`` order."""
+    """The parameters f depends on: those with ``requires_grad``, in ``parameters()`` order."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -145,7 +145,9 @@ class ProbeObjective:
         mean = [g / count for g in total]
         self._retained = mean if keep else None
         flat_mean = flatten([g.detach() for g in mean])
-        spread = torch.stack([torch.linalg.vector_norm(g - flat_mean) ** 2 for g in flat_batch_grads])
+        spread = torch.stack(
+            [torch.linalg.vector_norm(g - flat_mean) ** 2 for g in flat_batch_grads]
+        )
         return total_loss / count, flat_mean, spread.mean().sqrt()
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ def hessian_norm(
     seed: int = 0,
     retain_graph: bool | None = None,
 ) -> HessianNorm:
-    """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over ``batches``.
+    """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over batches.
 
     Lanczos with full reorthogonalization on Hessian-vector products, stopped by a residual test
     that certifies a relative error below ``rtol``; ``converged`` is false when ``max_hvps``
@@ -339,7 +339,9 @@ class Probe:
 
         def gradient_at(gamma: float) -> torch.Tensor:
             with torch.no_grad():
-                for parameter, value in zip(parameters, unflatten(point + gamma * direction, parameters)):
+                for parameter, value in zip(
+                    parameters, unflatten(point + gamma * direction, parameters)
+                ):
                     parameter.copy_(value)
             return self._objective().gradient()[1]
 

@@ -53,9 +53,7 @@ class RunConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_options(
-        cls, defaults: Mapping[str, Any], overrides: Mapping[str, Any]
-    ) -> RunConfig:
+    def from_options(cls, defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
         """Built-in defaults, then the model file's ``defaults``, then command-line values."""
         names = set(cls.option_names())
         unknown = sorted(set(defaults) - names)
@@ -86,7 +84,9 @@ class RunConfig:
         if self.clip is not None and not _positive(self.clip):
             problems.append(f"clip must be positive, got {self.clip!r}")
         if self.optimizer not in OPTIMIZERS:
-            problems.append(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+            problems.append(
+                f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
         unknown = [e for e in self.estimators if e not in ESTIMATORS]
         if unknown or not self.estimators:
             problems.append(
@@ -100,7 +100,9 @@ class RunConfig:
         if any(not (isinstance(g, (int, float)) and 0 < g <= 1) for g in self.fd_points):
             problems.append(f"fd_points must lie in (0, 1], got {list(self.fd_points)}")
         if self.probe_mode not in MODES:
-            problems.append(f"probe_mode must be one of {', '.join(MODES)}, got {self.probe_mode!r}")
+            problems.append(
+                f"probe_mode must be one of {', '.join(MODES)}, got {self.probe_mode!r}"
+            )
         if not _positive(self.rtol):
             problems.append(f"rtol must be positive, got {self.rtol!r}")
         if not isinstance(self.max_hvps, int) or self.max_hvps <= 0:

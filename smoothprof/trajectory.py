@@ -77,7 +77,7 @@ class TrajectoryWriter:
         if self.path.is_dir():
             raise TrajectoryError(f"{self.path}: is a directory")
         try:
-            self._file = h5py.File(self.path, "w", libver="latest")
+            self._file = h5py.File(self.path, "w")
         except OSError as error:
             raise TrajectoryError(f"{self.path}: cannot create: {error}") from None
         self._file.attrs["format"] = FORMAT
@@ -88,7 +88,9 @@ class TrajectoryWriter:
         for group_name, columns in GROUPS.items():
             group = self._file.create_group(group_name)
             for name, dtype in columns.items():
-                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+                group.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,)
+                )
         self._file.flush()
         self._train_rows: list[Mapping[str, Any]] = []
         self._train_flush_seconds = train_flush_seconds
@@ -175,7 +177,9 @@ def _read_group(path: Path, handle: h5py.File, group_name: str, required: tuple[
     group = handle[group_name]
     missing = [name for name in required if name not in group]
     if missing:
-        raise TrajectoryError(f"{path}: missing dataset(s) {', '.join(group_name + '/' + m for m in missing)}")
+        raise TrajectoryError(
+            f"{path}: missing dataset(s) {', '.join(group_name + '/' + m for m in missing)}"
+        )
     columns = {}
     for name, item in group.items():
         if isinstance(item, h5py.Dataset) and item.ndim == 1 and item.dtype.kind in "biuf":

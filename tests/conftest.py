@@ -83,15 +83,18 @@ def small_models():
     """(name, model, loss_fn, batches): float64, a few dozen parameters each."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    mlp_batches = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
-                   for _ in range(2)]
+    mlp_batches = [
+        (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in range(2)
+    ]
     cnn = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
     ).double()
     cnn_batches = [(torch.randn(4, 1, 5, 5, dtype=torch.float64), torch.randint(0, 2, (4,)))]
     rnn = TinyRNN().double()
-    rnn_batches = [(torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
-                   for _ in range(2)]
+    rnn_batches = [
+        (torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+        for _ in range(2)
+    ]
     return [
         ("mlp-tanh", mlp, cross_entropy_loss, mlp_batches),
         ("cnn", cnn, cross_entropy_loss, cnn_batches),

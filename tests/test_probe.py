@@ -94,8 +94,10 @@ def test_finite_difference_matches_exact_gradients():
     def exact_gradient(point):
         objective_model = small_models()[0][1]
         with torch.no_grad():
-            for p, chunk in zip(objective_model.parameters(),
-                                torch.split(point, [p.numel() for p in model.parameters()])):
+            for p, chunk in zip(
+                objective_model.parameters(),
+                torch.split(point, [p.numel() for p in model.parameters()]),
+            ):
                 p.copy_(chunk.view_as(p))
         return ProbeObjective(objective_model, loss_fn, batches).gradient()[1]
 

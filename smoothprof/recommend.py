@@ -1,0 +1,511 @@
+"""Clip thresholds and step sizes from a fitted (L0, L1), each rule naming its source.
+
+Every rule is a row of theory.md §4; the marks say where a formula was read: [paper] Zhang, He,
+Sra, Jadbabaie (ICLR 2020), [lecture] the lecture notes on gradient clipping (Koloskova et al.
+2023, Theorem 1), [secondary] a restatement still to be checked against its paper, classical.
+
+Degenerate fits never produce inf or a division by zero:
+- L1 == 0: the points show plain L-smoothness. Clipping is not needed: every rule is given
+  without a clip threshold, and the headline is the observed fixed step 1/L_max.
+- L0 == 0 (with L1 > 0): c = L0/L1 collapses to 0 and 1/L0 to inf. The rules then use the floor
+  L0' = L1·G_min, the envelope's value at the smallest measured gradient norm. L0' + L1·g is
+  still an upper envelope of the points (it only grows), so every rule keeps its guarantee, and
+  it is at most twice the fitted envelope L1·g over the measured range g >= G_min. With c =
+  L0'/L1 = G_min, clipped GD acts as normalized GD with step length 1/(18·L1) there.
+
+numpy-free and torch-free: plain floats in, plain dataclasses out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from smoothprof.fit import EnvelopeFit
+
+__all__ = [
+    "CAVEATS",
+    "Recommendation",
+    "Recommendations",
+    "pytorch_snippet",
+    "recommend",
+]
+
+# Below this Spearman correlation of log L with log g the premise of (L0, L1) clipping, smoothness
+# growing with the gradient norm (Zhang et al. 2020, Figures 1 to 3), is not visible in the data.
+WEAK_CORRELATION = 0.3
+# Fewer points than this make the envelope and every rule built on it uncertain.
+FEW_POINTS = 20
+
+CAVEATS: tuple[str, ...] = (
+    "The constants belong to the probe objective (its batches, mode and parameterization): "
+    "rescaling the parameters changes them.",
+    "The finite-difference estimate L_fd measures one direction (the update); the Hessian norm "
+    "from HVPs bounds every direction, so an envelope of L_fd can understate L0 and L1.",
+    "Worst-case bounds are conservative: the conservative rule's step size can be far below "
+    "what trains well.",
+)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One rule of theory.md §4 evaluated at a fit.
+
+    The update is x <- x - lr·clip(∇f(x), clip_threshold), clip(u, c) = min{1, c/||u||}·u.
+    lr is step_size; when step_offset is set the rule is adaptive and lr at gradient norm g is
+    step_size / (g + step_offset), so step_size is then the longest step the rule takes.
+    """
+
+    rule: str  # stable id, e.g. "clipped-gd-koloskova"
+    title: str  # human name, e.g. "clipped GD (Koloskova et al. 2023)"
+    clip_threshold: float | None  # max gradient norm after clipping; None: no clipping
+    step_size: float | None  # learning rate (see step_offset)
+    source: str  # e.g. "Zhang et al. 2020, Theorem 3 [paper]"
+    assumptions: str  # one line
+    note: str = ""  # e.g. why a value is degenerate
+    step_offset: float | None = None  # adaptive rules: lr(g) = step_size / (g + step_offset)
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """All rules the fit supports, the one to try first, and what to beware of."""
+
+    headline: Recommendation
+    rules: tuple[Recommendation, ...]  # every rule of theory.md §4 the data support, in its order
+    fixed_step_observed: float  # 1 / L_max
+    predicted_speedup: float  # worst-case bound ratio, about L_max / L0; NaN if undefined
+    explanation: str  # why this headline; the speedup is a bound ratio, not a promise
+    warnings: tuple[str, ...]  # degenerate fits, noise above the clip threshold, weak evidence
+    caveats: tuple[str, ...] = CAVEATS  # theory.md §5, true of every fit
+
+
+_SOURCE_THEOREM_3 = "Zhang et al. 2020, Theorem 3 [paper]"
+_SOURCE_KOLOSKOVA = "Koloskova et al. 2023, Theorem 1 [lecture]"
+_SOURCE_NORMALIZED = "Zhang et al. 2020, Section 3 [paper]"
+_SOURCE_THEOREM_6 = "Zhang et al. 2020, Theorem 6 [paper]"
+_SOURCE_OBSERVED = "classical: step 1/L for an L-smooth function"
+_SOURCE_THEOREM_7 = "Zhang et al. 2020, Theorem 7 [paper]"
+_SOURCE_PETHICK = "Pethick et al. 2025, Theorem 4.3 [secondary]"
+_SOURCE_VANKOV = "Vankov et al. 2024 [secondary]"
+
+_DETERMINISTIC = "(L0, L1)-smooth objective, exact gradients"
+
+
+def recommend(
+    fit: EnvelopeFit, *, grad_noise: float | None = None, num_steps: int | None = None
+) -> Recommendations:
+    """Evaluate every rule of theory.md §4 at `fit` and pick a headline.
+
+    grad_noise is τ, a bound on ||stochastic gradient - ∇f|| (units of g); num_steps is T, the
+    number of optimizer steps planned. The stochastic rule (Zhang et al. 2020, Theorem 7) is
+    included only when both are given. Raises ValueError on a fit with non-finite or negative
+    constants, on bad options, or when 1/L_max is not a finite float.
+    """
+    L0, L1, L_max, G_max = _checked_fit(fit)
+    tau = _checked_noise(grad_noise)
+    T = _checked_num_steps(num_steps)
+    fixed_step_observed = 1.0 / L_max
+    if not math.isfinite(fixed_step_observed):
+        raise ValueError(f"L_max = {L_max!r} is too small for a finite step size 1/L_max")
+
+    warnings: list[str] = []
+    candidates: list[Recommendation | None] = []
+    observed = Recommendation(
+        rule="fixed-step-gd-observed",
+        title="fixed-step GD, observed 1/L_max",
+        clip_threshold=None,
+        step_size=fixed_step_observed,
+        source=_SOURCE_OBSERVED,
+        assumptions="the largest measured local smoothness L_max bounds the smoothness on the run",
+        note="L_max is a measurement along this run, not a bound beyond it.",
+    )
+
+    L0_used, floor_note = _effective_L0(fit, L0, L1, warnings)
+    if L1 == 0:
+        warnings.append(
+            "L1 = 0: the points show plain L-smoothness, so clipping is not needed; "
+            "the rules are given without clip thresholds."
+        )
+    if L0_used is None:
+        candidates += [None, None, None]
+    elif L1 == 0:
+        candidates += _smooth_clipped_rules(L0_used)
+    else:
+        candidates += _clipped_rules(L0_used, L1, floor_note)
+    candidates.append(_fixed_step_theory(L0, L1, G_max))
+    candidates.append(observed)
+    if tau is not None and T is not None:
+        if L0_used is not None:
+            candidates.append(_clipped_sgd(L0_used, L1, tau, T, floor_note))
+    elif tau is not None or T is not None:
+        warnings.append(
+            "the clipped SGD rule (Zhang et al. 2020, Theorem 7) needs both the gradient noise "
+            "and the number of steps; it is omitted."
+        )
+    if L0_used is not None:
+        candidates += _secondary_rules(L0_used, L1, floor_note)
+
+    rules = []
+    for rule in candidates:
+        if rule is None:
+            continue
+        if _is_finite_rule(rule):
+            rules.append(rule)
+        else:
+            warnings.append(f"{rule.title}: its values overflow float64 for this fit; omitted.")
+
+    koloskova = next((r for r in rules if r.rule == "clipped-gd-koloskova"), None)
+    if L1 > 0 and koloskova is not None:
+        headline = koloskova
+        c, eta = koloskova.clip_threshold, koloskova.step_size
+        speedup = _finite_or_nan(L_max / L0_used)
+        explanation = (
+            f"Headline: clipped GD with c = L0/L1 = {c:.3g} and lr = 1/(9·(L0 + c·L1)) = "
+            f"{eta:.3g} ({_SOURCE_KOLOSKOVA}), the clipped-GD guarantee with the fewest constants, "
+            "in which c only affects the higher-order term. The predicted speedup "
+            f"{_format(speedup)} over the observed fixed step 1/L_max is a ratio of worst-case "
+            "bounds (about L_max/L0, Zhang et al. 2020, Theorems 3 and 4), not a promise of "
+            "wall-clock speed."
+        )
+    else:
+        headline = observed
+        if L1 == 0:
+            speedup = 1.0
+            explanation = (
+                f"The fitted L1 is 0, so the points show plain L-smoothness: clipping is not "
+                f"needed and the headline is the fixed step 1/L_max = {fixed_step_observed:.3g}. "
+                "The worst-case bounds of clipped and fixed-step GD then coincide, so no speedup "
+                "is predicted (ratio 1); it would be a bound ratio, not a promise, anyway."
+            )
+        else:
+            speedup = _finite_or_nan(L_max / L0_used) if L0_used else math.nan
+            explanation = (
+                "The clipped-GD rule of Koloskova et al. 2023 cannot be evaluated for this fit "
+                f"(see the warnings), so the headline is the fixed step 1/L_max = "
+                f"{fixed_step_observed:.3g}. Any speedup shown is a ratio of worst-case bounds, "
+                "not a promise of wall-clock speed."
+            )
+        if L1 > 0:
+            warnings.append(
+                "the Koloskova et al. 2023 rule is not available; "
+                "the headline falls back to 1/L_max."
+            )
+
+    if tau is not None and headline.clip_threshold is not None and headline.clip_threshold < tau:
+        warnings.append(
+            f"the gradient noise τ = {tau:.3g} exceeds the headline clip threshold "
+            f"c = {headline.clip_threshold:.3g}: in the stochastic case clipped SGD has a bias "
+            "that no step size removes unless c is large compared with the noise "
+            "(Koloskova et al. 2023 [lecture]); consider c of at least τ."
+        )
+    if not fit.spearman_log > WEAK_CORRELATION:
+        rho = "undefined" if math.isnan(fit.spearman_log) else f"{fit.spearman_log:.2f}"
+        warnings.append(
+            f"log L and log g are weakly correlated (Spearman {rho}): the premise of clipping, "
+            "smoothness growing with the gradient norm, is not visible in these points."
+        )
+    if fit.num_points < FEW_POINTS:
+        warnings.append(
+            f"only {fit.num_points} points: the envelope and every rule built on it are uncertain."
+        )
+
+    return Recommendations(
+        headline=headline,
+        rules=tuple(rules),
+        fixed_step_observed=fixed_step_observed,
+        predicted_speedup=speedup,
+        explanation=explanation,
+        warnings=tuple(warnings),
+    )
+
+
+def pytorch_snippet(rec: Recommendation, optimizer: str = "SGD") -> str:
+    """Python code applying `rec` in a PyTorch training loop (`model` is the user's module).
+
+    It builds torch.optim.<optimizer> with the rule's learning rate and, inside the loop after
+    loss.backward(), clips with torch.nn.utils.clip_grad_norm_ (no clip line when the rule has no
+    threshold) and, for adaptive rules, sets the learning rate from the gradient norm.
+    """
+    if not (isinstance(optimizer, str) and optimizer.isidentifier()):
+        raise ValueError(f"optimizer must be the name of a torch.optim class, got {optimizer!r}")
+    if rec.step_size is None:
+        raise ValueError(f"rule {rec.rule!r} has no step size to write as code")
+    lr = _literal(rec.step_size)
+    lines = [
+        f"# {rec.title}: {rec.source}",
+        "import torch",
+        "",
+        f"optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})",
+    ]
+    in_loop = "# in the training loop, after loss.backward() and before optimizer.step():"
+    max_norm = 'float("inf")' if rec.clip_threshold is None else _literal(rec.clip_threshold)
+    if rec.step_offset is None:
+        if rec.clip_threshold is not None:
+            lines += [
+                in_loop,
+                f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})",
+            ]
+    else:
+        offset = _literal(rec.step_offset)
+        lines += [
+            in_loop,
+            "# clip_grad_norm_ returns the gradient norm before clipping",
+            "grad_norm = float(",
+            f"    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})",
+            ")",
+            "for group in optimizer.param_groups:",
+            f'    group["lr"] = {lr} / (grad_norm + {offset})',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _checked_fit(fit: EnvelopeFit) -> tuple[float, float, float, float]:
+    """(L0, L1, L_max, G_max) of `fit` as floats, or ValueError when they cannot be used."""
+    try:
+        L0, L1 = float(fit.L0), float(fit.L1)
+        L_max, G_max = float(fit.L_max), float(fit.G_max)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"not an envelope fit: {error}") from None
+    if not (math.isfinite(L0) and math.isfinite(L1) and L0 >= 0 and L1 >= 0):
+        raise ValueError(f"L0 and L1 must be finite and >= 0, got L0 = {L0!r}, L1 = {L1!r}")
+    if not (math.isfinite(L_max) and L_max > 0 and math.isfinite(G_max) and G_max > 0):
+        raise ValueError(f"L_max and G_max must be finite and > 0, got {L_max!r}, {G_max!r}")
+    return L0, L1, L_max, G_max
+
+
+def _checked_noise(grad_noise: float | None) -> float | None:
+    if grad_noise is None:
+        return None
+    try:
+        tau = float(grad_noise)
+    except (TypeError, ValueError):
+        tau = math.nan
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"grad_noise must be a finite number >= 0, got {grad_noise!r}")
+    return tau
+
+
+def _checked_num_steps(num_steps: int | None) -> int | None:
+    if num_steps is None:
+        return None
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return num_steps
+
+
+def _effective_L0(
+    fit: EnvelopeFit, L0: float, L1: float, warnings: list[str]
+) -> tuple[float | None, str]:
+    """The L0 the rules use and a note when it is the floor L0' = L1·G_min (module docstring)."""
+    if L0 > 0:
+        return L0, ""
+    if L1 == 0:
+        warnings.append("L0 = L1 = 0: the envelope is zero; only the observed fixed step is given.")
+        return None, ""
+    G_min = float(getattr(fit, "G_min", math.nan))
+    floor = L1 * G_min
+    if not (math.isfinite(floor) and floor > 0):
+        warnings.append(
+            "L0 = 0 and the smallest gradient norm is unknown: the rules that divide by L0 "
+            "are omitted."
+        )
+        return None, ""
+    warnings.append(
+        f"L0 = 0: c = L0/L1 would be 0 and 1/L0 infinite; the rules use the floor "
+        f"L0' = L1·G_min = {floor:.3g}, the envelope at the smallest measured gradient norm "
+        "(still an upper envelope, at most twice the fitted one on the measured range)."
+    )
+    return floor, f"uses L0' = L1·G_min = {floor:.3g} in place of the fitted L0 = 0."
+
+
+def _clipped_rules(L0: float, L1: float, floor_note: str) -> list[Recommendation]:
+    """Theorem 3, Koloskova et al. and normalized GD for L0 > 0, L1 > 0."""
+    eta_c = 1.0 / (10.0 * L0)
+    gamma = min(10.0 * L0, L0 / L1)  # = min{1/eta_c, 1/(10·L1·eta_c)}
+    c = L0 / L1
+    return [
+        Recommendation(
+            rule="clipped-gd-conservative",
+            title="clipped GD, conservative (Zhang et al. 2020)",
+            clip_threshold=gamma,
+            step_size=eta_c,
+            source=_SOURCE_THEOREM_3,
+            assumptions=_DETERMINISTIC,
+            note=_join(
+                "h = min{η_c, γ·η_c/g} with η_c = 1/(10·L0), γ = min{10·L0, L0/L1}.", floor_note
+            ),
+        ),
+        Recommendation(
+            rule="clipped-gd-koloskova",
+            title="clipped GD (Koloskova et al. 2023)",
+            clip_threshold=c,
+            step_size=1.0 / (9.0 * (L0 + c * L1)),
+            source=_SOURCE_KOLOSKOVA,
+            assumptions=_DETERMINISTIC + " (gradient-difference form within 1/L1)",
+            note=_join("c = L0/L1 (free in the theorem); lr = 1/(9·(L0 + c·L1)).", floor_note),
+        ),
+        Recommendation(
+            rule="normalized-gd",
+            title="normalized GD (Zhang et al. 2020)",
+            clip_threshold=None,
+            step_size=gamma * eta_c,
+            source=_SOURCE_NORMALIZED,
+            assumptions=_DETERMINISTIC,
+            note=_join(
+                "lr = η_n/(g + β) with η_n = γ·η_c, β = γ; within a factor 2 of clipped GD.",
+                floor_note,
+            ),
+            step_offset=gamma,
+        ),
+    ]
+
+
+def _smooth_clipped_rules(L0: float) -> list[Recommendation]:
+    """The same three rules when L1 = 0: no clipping, the step sizes at L1 = 0."""
+    no_clip = "L1 = 0: no clipping needed"
+    return [
+        Recommendation(
+            rule="clipped-gd-conservative",
+            title="clipped GD, conservative (Zhang et al. 2020)",
+            clip_threshold=None,
+            step_size=1.0 / (10.0 * L0),
+            source=_SOURCE_THEOREM_3,
+            assumptions=_DETERMINISTIC,
+            note=f"{no_clip}; γ = min{{10·L0, L0/L1}} = 10·L0 would only cap the step length at 1.",
+        ),
+        Recommendation(
+            rule="clipped-gd-koloskova",
+            title="clipped GD (Koloskova et al. 2023)",
+            clip_threshold=None,
+            step_size=1.0 / (9.0 * L0),
+            source=_SOURCE_KOLOSKOVA,
+            assumptions=_DETERMINISTIC + " (gradient-difference form within 1/L1)",
+            note=f"{no_clip}; lr <= 1/(9·(L0 + c·L1)) = 1/(9·L0) holds for every c.",
+        ),
+        Recommendation(
+            rule="normalized-gd",
+            title="normalized GD (Zhang et al. 2020)",
+            clip_threshold=None,
+            step_size=1.0,
+            source=_SOURCE_NORMALIZED,
+            assumptions=_DETERMINISTIC,
+            note="lr = η_n/(g + β) with η_n = γ·η_c = 1 and β = γ = 10·L0 at L1 = 0.",
+            step_offset=10.0 * L0,
+        ),
+    ]
+
+
+def _fixed_step_theory(L0: float, L1: float, G_max: float) -> Recommendation | None:
+    """Zhang et al. 2020, Theorem 6 with M = G_max; needs no floor since M·L1 + L0 > 0 suffices."""
+    denominator = 2.0 * (G_max * L1 + L0)
+    if not denominator > 0:
+        return None
+    return Recommendation(
+        rule="fixed-step-gd-theory",
+        title="fixed-step GD, theory (Zhang et al. 2020)",
+        clip_threshold=None,
+        step_size=1.0 / denominator,
+        source=_SOURCE_THEOREM_6,
+        assumptions=_DETERMINISTIC + "; gradient norm at most M on the sublevel set",
+        note="lr = 1/(2·(M·L1 + L0)) with M = G_max, the largest measured gradient norm "
+        "(a lower estimate of the sup over the sublevel set).",
+    )
+
+
+def _clipped_sgd(L0: float, L1: float, tau: float, T: int, floor_note: str) -> Recommendation:
+    """Zhang et al. 2020, Theorem 7: gradient noise bounded by tau, T steps."""
+    terms = [1.0 / (20.0 * L0), 1.0 / math.sqrt(T)]
+    if L1 > 0 and tau > 0:
+        terms.append(1.0 / (128.0 * L1 * tau))
+    clip = None if L1 == 0 else min(10.0 * L0, L0 / L1)
+    return Recommendation(
+        rule="clipped-sgd",
+        title="clipped SGD, noise bounded by τ (Zhang et al. 2020)",
+        clip_threshold=clip,
+        step_size=min(terms),
+        source=_SOURCE_THEOREM_7,
+        assumptions="(L0, L1)-smooth objective; stochastic gradient noise at most τ "
+        "almost surely; T steps",
+        note=_join(
+            f"lr = min{{1/(20·L0), 1/(128·L1·τ), 1/√T}} with τ = {tau:.3g}, T = {T}; "
+            "clip γ = min{10·L0, L0/L1}. Check the printed h_k of Theorem 7 before relying on it.",
+            "L1 = 0: no clipping needed." if clip is None else floor_note,
+        ),
+    )
+
+
+def _secondary_rules(L0: float, L1: float, floor_note: str) -> list[Recommendation]:
+    """Pethick et al. 2025 and Vankov et al. 2024, both [secondary]."""
+    if L1 == 0:
+        pethick = Recommendation(
+            rule="clipped-gd-pethick",
+            title="clipped GD, sharper constant (Pethick et al. 2025)",
+            clip_threshold=None,
+            step_size=1.0 / L0,
+            source=_SOURCE_PETHICK,
+            assumptions=_DETERMINISTIC,
+            note="L1 = 0: no clipping needed; lr = 1/(L0 + c·L1) = 1/L0 for every c.",
+        )
+        vankov = Recommendation(
+            rule="adaptive-step-vankov",
+            title="adaptive step (Vankov et al. 2024)",
+            clip_threshold=None,
+            step_size=1.0 / L0,
+            source=_SOURCE_VANKOV,
+            assumptions=_DETERMINISTIC,
+            note="lr = 1/(L0 + 1.5·L1·g) = 1/L0 at L1 = 0.",
+        )
+        return [pethick, vankov]
+    c = L0 / L1
+    return [
+        Recommendation(
+            rule="clipped-gd-pethick",
+            title="clipped GD, sharper constant (Pethick et al. 2025)",
+            clip_threshold=c,
+            step_size=1.0 / (L0 + c * L1),
+            source=_SOURCE_PETHICK,
+            assumptions=_DETERMINISTIC,
+            note=_join("c = L0/L1; lr = 1/(L0 + c·L1) = 1/(2·L0).", floor_note),
+        ),
+        Recommendation(
+            rule="adaptive-step-vankov",
+            title="adaptive step (Vankov et al. 2024)",
+            clip_threshold=None,
+            step_size=1.0 / (1.5 * L1),
+            source=_SOURCE_VANKOV,
+            assumptions=_DETERMINISTIC,
+            note=_join(
+                "lr = 1/(L0 + 1.5·L1·g), written as step_size/(g + step_offset).", floor_note
+            ),
+            step_offset=L0 / (1.5 * L1),
+        ),
+    ]
+
+
+def _is_finite_rule(rule: Recommendation) -> bool:
+    """True when every number of the rule is a finite float and the step size is positive."""
+    values = (rule.clip_threshold, rule.step_size, rule.step_offset)
+    if not all(v is None or math.isfinite(v) for v in values):
+        return False
+    if rule.clip_threshold is not None and not rule.clip_threshold > 0:
+        return False
+    return rule.step_size is not None and rule.step_size > 0
+
+
+def _finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else math.nan
+
+
+def _format(speedup: float) -> str:
+    return "(undefined)" if math.isnan(speedup) else f"{speedup:.3g}x"
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+def _literal(value: float) -> str:
+    """A Python float literal of `value` with 6 significant digits."""
+    if not math.isfinite(value):
+        raise ValueError(f"cannot write the non-finite value {value!r} as a step size or threshold")
+    return f"{value:.6g}"

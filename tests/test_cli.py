@@ -1,0 +1,231 @@
+"""Every command through typer's CliRunner: help, the happy path, and the user's mistakes."""
+
+import json
+import re
+
+import pytest
+from conftest import ASSETS, REPO
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from smoothprof.cli import app
+
+pytestmark = pytest.mark.usefixtures("clean_sys_path")
+runner = CliRunner()
+COMMANDS = sorted(get_command(app).commands)
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "100", **(env or {})})
+
+
+def test_every_command_has_help_and_a_readme_mention():
+    readme = (REPO / "README.md").read_text()
+    assert COMMANDS == ["fit", "plot", "run"]
+    top = invoke("--help")
+    assert top.exit_code == 0
+    for command in COMMANDS:
+        assert command in top.output
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, result.output
+        assert len(get_command(app).commands[command].help or "") > 20
+        assert f"smoothprof {command}" in readme
+
+
+def test_run_help_lists_the_options():
+    text = invoke("run", "--help").output
+    for option in [
+        "--steps",
+        "--lr",
+        "--optimizer",
+        "--clip",
+        "--probe-every",
+        "--probe-batches",
+        "--estimators",
+        "--seed",
+        "--device",
+        "--save-model",
+        "--output",
+        "--force",
+    ]:
+        assert option in text
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("smoothprof ")
+
+
+@pytest.fixture(scope="module")
+def minimal_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "minimal.h5"
+    result = invoke(
+        "run",
+        ASSETS / "good_minimal.py",
+        "-o",
+        out,
+        "--steps",
+        "40",
+        "--probe-every",
+        "4",
+        "--save-model",
+        out.with_suffix(".pt"),
+    )
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_run_writes_trajectory_and_model(minimal_run):
+    out, result = minimal_run
+    assert out.exists() and out.with_suffix(".pt").exists()
+    assert f"wrote {out}" in result.stdout
+    assert "10 probes" in result.stdout
+    import torch
+
+    state = torch.load(out.with_suffix(".pt"), weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_fit_json_has_the_documented_keys(minimal_run):
+    out, _ = minimal_run
+    result = invoke("fit", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in [
+        "L0",
+        "L1",
+        "clip_threshold",
+        "step_size",
+        "recommendations",
+        "statistics",
+        "headline",
+        "estimator",
+        "L0_interval",
+        "L1_interval",
+    ]:
+        assert key in data
+    assert data["estimator"] == "hvp"
+    assert data["statistics"]["num_points"] == 10
+    for rec in data["recommendations"]:
+        assert {"rule", "clip_threshold", "step_size", "source"} <= set(rec)
+
+
+def test_fit_text_and_plot(minimal_run):
+    out, _ = minimal_run
+    result = invoke("fit", out, "--estimator", "fd", "--width", "90")
+    assert result.exit_code == 0, result.output
+    assert "L0" in result.stdout and "Spearman" in result.stdout
+    assert "clip_grad_norm_" in result.stdout
+    assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
+    ascii_result = invoke("fit", out, "--ascii")
+    plot_part = ascii_result.stdout.split("Suggested")[0].split("└")[-1]
+    assert all(ord(c) < 128 for c in plot_part)
+    plot = invoke("plot", out, "--ascii", "--width", "80")
+    assert plot.exit_code == 0, plot.output
+    assert "gradient norm" in plot.stdout
+    assert all(ord(c) < 128 for c in plot.stdout)
+
+
+def test_third_party_model_runs_and_fits(tmp_path):
+    out = tmp_path / "third.h5"
+    result = invoke("run", ASSETS / "third_party.py", "-o", out, "--probe-every", "3")
+    assert result.exit_code == 0, result.output
+    fitted = invoke("fit", out, "--json")
+    assert fitted.exit_code == 0, fitted.output
+    data = json.loads(fitted.stdout)
+    assert data["statistics"]["num_points"] == 10
+    assert data["L0"] >= 0 and data["L1"] >= 0
+
+
+def assert_one_line_error(result, expected, code=1):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert re.search(expected, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("missing.py", "no such file"),
+        ("broken_syntax.py", "syntax error"),
+        ("broken_import_raises.py", "dataset not found"),
+        ("broken_no_model.py", "defines no model"),
+        ("broken_model_returns_tensor.py", "not a torch.nn.Module"),
+        ("broken_empty_dataloader.py", "no batches"),
+        ("broken_loss_nonscalar.py", "scalar"),
+        ("broken_no_trainable_params.py", "requires_grad"),
+        ("broken_defaults_bad_key.py", "learning_rate"),
+        ("not_python.txt", "not a Python file"),
+    ],
+)
+def test_broken_model_files_give_one_line(tmp_path, name, expected):
+    result = invoke("run", ASSETS / name, "-o", tmp_path / "x.h5", "--steps", "2")
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("run", ASSETS / "broken_no_model.py", "-o", tmp_path / "x.h5", "--debug")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--steps", "0"],
+        ["--lr", "-1"],
+        ["--clip", "0"],
+        ["--optimizer", "rmsprop"],
+        ["--estimators", "fd,magic"],
+        ["--probe-every", "-1"],
+    ],
+)
+def test_bad_options_are_usage_errors(tmp_path, options):
+    result = invoke("run", ASSETS / "good_minimal.py", "-o", tmp_path / "x.h5", *options)
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"earlier run")
+    result = invoke("run", ASSETS / "good_minimal.py", "-o", out, "--steps", "2")
+    assert_one_line_error(result, "already exists")
+    assert out.read_bytes() == b"earlier run"
+    forced = invoke("run", ASSETS / "good_minimal.py", "-o", out, "--steps", "2", "--force")
+    assert forced.exit_code == 0, forced.output
+
+
+def test_divergence_exit_code(tmp_path):
+    model = tmp_path / "exploding.py"
+    model.write_text(
+        "import torch\n"
+        "def model():\n    return torch.nn.Linear(4, 1)\n"
+        "def dataloader():\n    x = torch.randn(32, 4)\n    return [(x, x.sum(1, keepdim=True))]\n"
+        "def loss(model, batch):\n    x, y = batch\n    return ((model(x) - y) ** 2).mean()\n"
+    )
+    out = tmp_path / "x.h5"
+    result = invoke("run", model, "-o", out, "--lr", "10", "--steps", "300", "--probe-every", "1")
+    assert result.exit_code == 3, result.output
+    assert "diverged" in result.stderr
+    assert invoke("plot", out).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["fit", "plot"])
+def test_bad_trajectory_files(tmp_path, command):
+    assert_one_line_error(invoke(command, tmp_path / "missing.h5"), "no such file")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    assert_one_line_error(invoke(command, tmp_path / "text.h5"), "not an HDF5 file")
+
+
+def test_fit_without_probes(tmp_path):
+    out = tmp_path / "x.h5"
+    assert (
+        invoke(
+            "run", ASSETS / "good_minimal.py", "-o", out, "--steps", "3", "--probe-every", "0"
+        ).exit_code
+        == 0
+    )
+    assert_one_line_error(invoke("fit", out), "no smoothness measurements")

@@ -1,0 +1,120 @@
+"""Model files: good ones load; each broken one gives one clear line naming the file."""
+
+import pytest
+import torch
+from conftest import ASSETS
+
+from smoothprof.loading import (
+    ModelFileError,
+    check_loss,
+    default_loss,
+    first_batches,
+    instantiate_model,
+    load_model_file,
+    make_dataloader,
+)
+
+pytestmark = pytest.mark.usefixtures("clean_sys_path")
+
+
+def test_minimal_file_uses_the_default_loss():
+    spec = load_model_file(ASSETS / "good_minimal.py")
+    assert spec.loss is default_loss and not spec.has_own_loss
+    assert spec.make_probe_batches is None and spec.defaults == {}
+    assert len(spec.sha256) == 64
+    model = instantiate_model(spec)
+    batches = first_batches(spec, 2)
+    assert len(batches) == 2
+    assert check_loss(spec, model, batches[0]) > 0
+
+
+def test_third_party_file_uses_every_optional_name():
+    spec = load_model_file(ASSETS / "third_party.py")
+    assert spec.has_own_loss
+    assert spec.defaults["optimizer"] == "momentum"
+    batches = first_batches(spec, 99)
+    assert len(batches) == 2  # probe_batches() wins over the dataloader
+    assert isinstance(batches[0], dict)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("does_not_exist.py", "no such file"),
+        (".", "is a directory"),
+        ("not_python.txt", "not a Python file"),
+        ("broken_syntax.py", "syntax error"),
+        ("broken_import_raises.py", "RuntimeError: dataset not found while being imported"),
+        ("broken_no_model.py", "defines no model()"),
+        ("broken_no_dataloader.py", "defines no dataloader()"),
+        ("broken_model_not_callable.py", "model is a int, not a function"),
+    ],
+)
+def test_broken_files_fail_at_load(name, expected):
+    with pytest.raises(ModelFileError) as info:
+        load_model_file(ASSETS / name)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert (ASSETS / name).name in message or name == "."
+
+
+def test_syntax_error_names_the_line():
+    with pytest.raises(ModelFileError, match=r"line \d+: syntax error"):
+        load_model_file(ASSETS / "broken_syntax.py")
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("broken_model_returns_tensor.py", "model() returned a tensor"),
+        ("broken_no_trainable_params.py", "no parameters with requires_grad=True"),
+    ],
+)
+def test_broken_models(name, expected):
+    spec = load_model_file(ASSETS / name)
+    with pytest.raises(ModelFileError) as info:
+        instantiate_model(spec)
+    assert expected in str(info.value)
+
+
+def test_empty_dataloader():
+    spec = load_model_file(ASSETS / "broken_empty_dataloader.py")
+    make_dataloader(spec)
+    with pytest.raises(ModelFileError, match="yields no batches"):
+        first_batches(spec, 4)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "broken_bad_batch.py",
+            "the default loss raised TypeError: the default loss needs batches",
+        ),
+        ("broken_loss_nonscalar.py", "it must be a scalar"),
+        ("broken_loss_not_tensor.py", "not a scalar tensor"),
+        ("broken_loss_no_grad.py", "without a gradient"),
+    ],
+)
+def test_broken_losses(name, expected):
+    spec = load_model_file(ASSETS / name)
+    model = instantiate_model(spec)
+    batch = first_batches(spec, 1)[0]
+    with pytest.raises(ModelFileError) as info:
+        check_loss(spec, model, batch)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_model_file_can_import_its_neighbours(tmp_path):
+    (tmp_path / "helper_net.py").write_text(
+        "import torch\ndef net():\n    return torch.nn.Linear(2, 2)\n"
+    )
+    (tmp_path / "uses_helper.py").write_text(
+        "import torch\nfrom helper_net import net\n"
+        "def model():\n    return net()\n"
+        "def dataloader():\n    return [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))]\n"
+    )
+    spec = load_model_file(tmp_path / "uses_helper.py")
+    assert isinstance(instantiate_model(spec), torch.nn.Linear)

@@ -1,0 +1,122 @@
+"""The training loop: probing is invisible, divergence stops cleanly, options are checked."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import ASSETS
+
+from smoothprof.loading import load_model_file
+from smoothprof.train import ConfigError, RunConfig, prepare_run, train
+from smoothprof.trajectory import TrajectoryWriter, read_trajectory
+
+pytestmark = pytest.mark.usefixtures("clean_sys_path")
+
+NOISY_MODEL = """
+import torch
+from torch import nn
+
+def model():
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3),
+                         nn.Linear(16, 3))
+
+def dataloader():
+    x = torch.randn(96, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                       shuffle=True)
+"""
+
+
+def _train(tmp_path, name, **options):
+    model_path = tmp_path / "noisy.py"
+    model_path.write_text(NOISY_MODEL)
+    spec = load_model_file(model_path)
+    config = RunConfig.from_options({}, {"steps": 12, "lr": 0.1, **options})
+    prepared = prepare_run(spec, config)
+    with TrajectoryWriter(tmp_path / f"{name}.h5") as writer:
+        result = train(prepared, on_probe=writer.append_probe, on_train_row=writer.append_train)
+    return result, prepared.model, read_trajectory(tmp_path / f"{name}.h5")
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_probing_every_step_changes_nothing(tmp_path, optimizer):
+    _, _, plain = _train(tmp_path, "plain", probe_every=0, optimizer=optimizer)
+    result, probed_model, probed = _train(
+        tmp_path, "probed", probe_every=1, optimizer=optimizer, probe_batches=2, clip=1.0
+    )
+    _, clipped_model, clipped = _train(
+        tmp_path, "clipped", probe_every=0, optimizer=optimizer, clip=1.0
+    )
+    assert probed.num_probes == 12 and plain.num_probes == 0
+    assert np.array_equal(probed.train["loss"], clipped.train["loss"])
+    for a, b in zip(probed_model.state_dict().values(), clipped_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(r.hessian_converged for r in result.probes)
+    assert np.isfinite(probed.probes["smoothness_fd"]).all()
+
+
+EXPLODING_MODEL = """
+import torch
+
+def model():
+    return torch.nn.Linear(4, 1)
+
+def dataloader():
+    x = torch.randn(32, 4)
+    return [(x, x.sum(1, keepdim=True))]
+
+def loss(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+"""
+
+
+def test_divergence_stops_and_keeps_rows(tmp_path):
+    (tmp_path / "exploding.py").write_text(EXPLODING_MODEL)
+    spec = load_model_file(tmp_path / "exploding.py")
+    config = RunConfig.from_options({}, {"steps": 200, "lr": 10.0, "probe_every": 1})
+    with TrajectoryWriter(tmp_path / "diverged.h5") as writer:
+        result = train(
+            prepare_run(spec, config),
+            on_probe=writer.append_probe,
+            on_train_row=writer.append_train,
+        )
+    trajectory = read_trajectory(tmp_path / "diverged.h5")
+    assert result.diverged
+    assert result.steps_done == result.diverged_at + 1 < 200
+    assert len(trajectory.train["step"]) == result.steps_done
+    assert not math.isfinite(trajectory.train["loss"][-1]) or not math.isfinite(
+        trajectory.train["grad_norm"][-1]
+    )
+
+
+def test_third_party_file_trains(tmp_path):
+    spec = load_model_file(ASSETS / "third_party.py")
+    config = RunConfig.from_options(spec.defaults, {"steps": 10})
+    assert config.optimizer == "momentum" and config.clip == 5.0 and config.seed == 7
+    result = train(prepare_run(spec, config))
+    assert result.steps_done == 10 and len(result.probes) == 1
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"clip": 0.0}, "clip must be positive"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer"),
+        ({"estimators": ("hvp", "magic")}, "unknown estimator"),
+        ({"fd_points": (0.0,)}, "fd_points"),
+    ],
+)
+def test_bad_options(options, expected):
+    with pytest.raises(ConfigError, match=expected):
+        RunConfig.from_options({}, options)
+
+
+def test_unknown_defaults_key():
+    spec = load_model_file(ASSETS / "broken_defaults_bad_key.py")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        RunConfig.from_options(spec.defaults, {})
