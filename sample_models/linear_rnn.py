@@ -52,7 +52,7 @@ clip threshold and a step size. Late in the run the Hessian norm settles just be
 2 / lr ~ 67: at this step size SGD runs at the "edge of stability", so a smaller lr shows a
 somewhat larger late-run Hessian norm (~80 at lr 0.02).
 
-Without clipping (e.g. ``--clip 1e12``) the same lr 0.03 reaches inf/nan within a few steps.
+Without clipping (``--no-clip``) the same lr 0.03 reaches inf/nan within a few steps.
 Unclipped SGD needs lr <= ~1e-4 to survive the first steps, and then it is slow: after 300 steps
 the loss is still ~1.5, fifty times the clipped run's. That contrast is the lecture's point:
 clipping both stabilises and accelerates.

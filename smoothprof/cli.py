@@ -9,6 +9,7 @@ always in the trajectory file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -189,6 +190,9 @@ def run(
     clip: Annotated[
         float | None, typer.Option(help="Clip the gradient norm at this threshold [default: off].")
     ] = None,
+    no_clip: Annotated[
+        bool, typer.Option("--no-clip", help="Do not clip, even if the model file's defaults do.")
+    ] = False,
     probe_every: Annotated[
         int | None,
         typer.Option(min=0, help="Probe every K steps; 0 turns probing off [default: 10]."),
@@ -270,6 +274,8 @@ def run(
             config = RunConfig.from_options(spec.defaults, overrides)
         except ConfigError as error:
             raise ModelFileError(f"{spec.path}: defaults: {error}") from None
+        if no_clip:
+            config = dataclasses.replace(config, clip=None)
         prepared = prepare_run(spec, config)
         attributes = {
             "smoothprof_version": __version__,
