@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .fit import EnvelopeFit
-from .recommend import Recommendations, pytorch_snippet
+from .recommend import Recommendation, Recommendations, pytorch_snippet
 from .trajectory import Trajectory
 
 
@@ -210,7 +210,9 @@ def fit_summary(fit: EnvelopeFit, estimator: str, source_files: Sequence[str]) -
     table.add_row("Pearson log-log", format_number(fit.pearson_log, 3), "")
     table.add_row("L_max", format_number(fit.L_max), "largest measured smoothness")
     table.add_row("G_max", format_number(fit.G_max), "largest measured gradient norm")
-    table.caption = f"smoothness: {ESTIMATOR_LABELS[estimator]}; file(s): {', '.join(source_files)}"
+    table.caption = Text(
+        f"smoothness: {ESTIMATOR_LABELS[estimator]}; file(s): {', '.join(source_files)}"
+    )
     return table
 
 
@@ -224,20 +226,13 @@ def recommendations_view(recs: Recommendations) -> Group:
     for rec in recs.rules:
         marker = " (headline)" if rec.rule == recs.headline.rule else ""
         table.add_row(
-            rec.title + marker,
+            Text(rec.title + marker),
             "none" if rec.clip_threshold is None else format_number(rec.clip_threshold),
-            format_number(rec.step_size),
-            rec.source,
+            step_size_text(rec),
+            Text(rec.source),
         )
-    lines = [
-        Text(recs.explanation),
-        Text(
-            "Plain GD at the observed fixed step 1/L_max = "
-            f"{format_number(recs.fixed_step_observed)}; "
-            f"predicted speedup of the headline rule: {format_number(recs.predicted_speedup, 3)}x "
-            "(a ratio of worst-case bounds, not a promise)."
-        ),
-    ]
+    table.caption = "step sizes written a/(g + b) scale with the gradient norm g of each step"
+    lines = [Text(recs.explanation)]
     lines += [Text(f"warning: {w}", style="yellow") for w in recs.warnings]
     snippet = Panel(
         Text(pytorch_snippet(recs.headline)),
@@ -245,6 +240,13 @@ def recommendations_view(recs: Recommendations) -> Group:
         expand=False,
     )
     return Group(table, *lines, snippet)
+
+
+def step_size_text(rec: Recommendation) -> str:
+    """The step size of a rule; an adaptive one as ``a/(g + b)``."""
+    if rec.step_offset is None:
+        return format_number(rec.step_size)
+    return f"{format_number(rec.step_size)}/(g + {format_number(rec.step_offset)})"
 
 
 def probe_line(record) -> str:

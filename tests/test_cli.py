@@ -229,3 +229,16 @@ def test_fit_without_probes(tmp_path):
         == 0
     )
     assert_one_line_error(invoke("fit", out), "no smoothness measurements")
+
+
+def test_readme_transcript_commands_run(tmp_path, monkeypatch):
+    """The `$ smoothprof ...` lines of README.md's transcript work as written."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^\$ smoothprof (.+)$", readme, flags=re.MULTILINE)
+    assert [c.split()[0] for c in commands] == ["run", "fit", "plot"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample_models").symlink_to(REPO / "sample_models")
+    for command in commands:
+        result = invoke(*command.split())
+        assert result.exit_code == 0, (command, result.output)
+    assert "clip_grad_norm_" in invoke(*commands[1].split()).stdout
