@@ -84,6 +84,7 @@ def _start_figure(width: int, height: int, color: bool) -> None:
     # select the main figure first, so nothing of an earlier plot leaks into this one.
     plt.main()
     plt.clear_figure()
+    plt.limitsize(False, False)  # the width asked for, not the terminal's
     plt.plotsize(width, height)
     plt.theme("pro" if color else "clear")
 
@@ -135,7 +136,7 @@ def series_plot(
     trajectory: Trajectory,
     *,
     width: int = 100,
-    height: int = 40,
+    panel_height: int = 15,
     color: bool = False,
     ascii_only: bool = False,
 ) -> str:
@@ -151,11 +152,10 @@ def series_plot(
             [("||Hessian||", probes, "hessian_norm"), ("finite diff.", probes, "smoothness_fd")],
         )
     )
-    _start_figure(width, height, color)
-    plt.subplots(len(panels), 1)
     palette = ["blue+", "red+"]
+    figures = []
     for row, (title, series) in enumerate(panels, start=1):
-        plt.subplot(row, 1)
+        _start_figure(width, panel_height, color)
         plt.title(title)
         plt.yscale("log")
         for index, (label, columns, name) in enumerate(series):
@@ -175,7 +175,8 @@ def series_plot(
             )
         if row == len(panels):
             plt.xlabel("step")
-    return _finish(plt.build(), color=color, ascii_only=ascii_only)
+        figures.append(_finish(plt.build(), color=color, ascii_only=ascii_only))
+    return "\n".join(figures)
 
 
 def _thin(steps: np.ndarray, values: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -242,3 +242,13 @@ def test_readme_transcript_commands_run(tmp_path, monkeypatch):
         result = invoke(*command.split())
         assert result.exit_code == 0, (command, result.output)
     assert "clip_grad_norm_" in invoke(*commands[1].split()).stdout
+
+
+@pytest.mark.parametrize("width", [60, 100, 140])
+def test_output_has_the_width_asked_for_and_is_repeatable(minimal_run, width):
+    out, _ = minimal_run
+    for command in ("fit", "plot"):
+        first = invoke(command, out, "--width", width)
+        assert first.exit_code == 0, first.output
+        assert max(len(line) for line in first.stdout.splitlines()) <= width
+        assert invoke(command, out, "--width", width).stdout == first.stdout

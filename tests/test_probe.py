@@ -197,3 +197,20 @@ def test_warm_start_reduces_hvps():
     counts = [r.hvp_count for r in probe.records]
     assert all(r.hessian_converged for r in probe.records)
     assert max(counts[1:]) < counts[0]
+
+
+def test_finite_difference_approaches_the_dense_hessian_along_a_small_update():
+    """For a small update d the secant tends to ||H d|| / ||d|| with H the exact Hessian at x_t."""
+    _, model, loss_fn, batches = small_models()[0]
+    hessian = dense_hessian(model, loss_fn, batches)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    x0 = flatten([p.detach() for p in model.parameters()]).clone()
+    probe = Probe(model, loss_fn, batches, every=1, estimators=("fd",))
+    with probe.around_step(0):
+        optimizer.zero_grad()
+        loss_fn(model, batches[0]).backward()
+        optimizer.step()
+    d = flatten([p.detach() for p in model.parameters()]) - x0
+    expected = float(torch.linalg.vector_norm(hessian @ d) / torch.linalg.vector_norm(d))
+    assert probe.records[0].smoothness_fd == pytest.approx(expected, rel=1e-4)
+    assert expected <= abs(top_eigenvalue(hessian)) + 1e-9
