@@ -44,8 +44,9 @@ from .display import (
     recommendations_view,
     series_plot,
     to_ascii,
+    training_progress,
 )
-from .fit import EnvelopeFit, FitError, fit_envelope
+from .fit import MIN_POINTS, EnvelopeFit, FitError, fit_envelope
 from .loading import ModelFileError, load_model_file
 from .recommend import Recommendations, recommend
 from .train import (
@@ -131,17 +132,31 @@ def _stdout_console(width: int) -> Console:
 
 
 def _emit(width: int, ascii_only: bool, *renderables: Any) -> None:
-    """Print to stdout; with ``ascii_only`` every table border and symbol is made ASCII."""
-    console = _stdout_console(width)
-    if not ascii_only:
-        for renderable in renderables:
-            console.print(renderable)
-        return
-    plain = Console(width=width, highlight=False, no_color=True, file=io.StringIO())
-    with plain.capture() as capture:
-        for renderable in renderables:
-            plain.print(renderable)
-    typer.echo(to_ascii(capture.get()), nl=False)
+    """Print tables and plots to stdout at exactly ``width`` columns.
+
+    Colour only on a terminal without NO_COLOR: otherwise no escape code at all, whatever rich
+    would guess from the environment (FORCE_COLOR, TTY_COMPATIBLE, ...), so a log gets the same
+    bytes for the same file. With ``ascii_only`` the renderables are already ASCII (display.py
+    lays them out so); ``to_ascii`` is the guarantee for anything else.
+    """
+    color = _use_color() and not ascii_only
+    console = Console(
+        width=width,
+        file=io.StringIO(),
+        highlight=False,
+        emoji=False,
+        no_color=not color,
+        force_terminal=color,
+        force_jupyter=False,
+        color_system="auto" if color else None,
+        legacy_windows=False,
+    )
+    for renderable in renderables:
+        console.print(renderable)
+    text = console.file.getvalue()
+    if not color:  # rich pads centred titles and captions: drop the trailing blanks
+        text = "\n".join(line.rstrip() for line in text.split("\n"))
+    typer.echo(to_ascii(text) if ascii_only else text, nl=False, color=color)
 
 
 DebugOption = Annotated[
@@ -197,6 +212,36 @@ def run(
         int | None,
         typer.Option(min=0, help="Probe every K steps; 0 turns probing off [default: 10]."),
     ] = None,
+    probe_schedule: Annotated[
+        str | None,
+        typer.Option(help="every (every K steps) or log (log-spaced, dense early) [default: every]."),
+    ] = None,
+    probes_per_decade: Annotated[
+        float | None, typer.Option(help="Probes per decade of steps for --probe-schedule log [default: 10].")
+    ] = None,
+    max_overhead: Annotated[
+        float | None,
+        typer.Option(
+            envvar="SMOOTHPROF_MAX_OVERHEAD",
+            help="Skip due probes while probing took more than this fraction of the training "
+            "time (inf: never skip) [default: 0.25].",
+        ),
+    ] = None,
+    hvp_method: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (fastest that works), retained, double-backward or forward-over-reverse "
+            "[default: auto]."
+        ),
+    ] = None,
+    retain_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--retain-graphs/--no-retain-graphs",
+            help="Keep every probe batch's double-backward graph at once for faster HVPs "
+            "[default: only with one probe batch].",
+        ),
+    ] = None,
     probe_batches: Annotated[
         int | None,
         typer.Option(min=1, help="Fixed batches the probe measures on [default: 4]."),
@@ -204,8 +249,8 @@ def run(
     estimators: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated: fd (finite difference), hvp (top Hessian eigenvalue) "
-            "[default: fd,hvp]."
+            help="Comma-separated: fd (finite difference along the update), hvp (top Hessian "
+            "eigenvalue), curvature (along the gradient) [default: fd,hvp,curvature]."
         ),
     ] = None,
     fd_points: Annotated[
@@ -250,6 +295,8 @@ def run(
     overrides: dict[str, Any] = {
         "steps": steps, "lr": lr, "optimizer": optimizer, "clip": clip,
         "probe_every": probe_every, "probe_batches": probe_batches, "rtol": rtol,
+        "probe_schedule": probe_schedule, "probes_per_decade": probes_per_decade,
+        "max_overhead": max_overhead, "hvp_method": hvp_method, "retain_graphs": retain_graphs,
         "max_hvps": max_hvps, "seed": seed, "device": device, "probe_mode": probe_mode,
     }  # fmt: skip
     if estimators is not None:
@@ -290,7 +337,7 @@ def run(
             f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
             f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
             + (f", clip {config.clip:g}" if config.clip else "")
-            + f", probe every {config.probe_every} on {len(prepared.probe_batches)} batch(es), "
+            + f", {_schedule_text(config)} on {len(prepared.probe_batches)} batch(es), "
             f"device {prepared.device}",
             markup=False,
         )
@@ -320,6 +367,12 @@ def run(
         f"{result.seconds:.1f} s",
         markup=False,
     )
+    if result.probes_skipped:
+        console.print(
+            f"skipped {result.probes_skipped} due probes to keep probing under "
+            f"{config.max_overhead:.0%} of the training time (--max-overhead)",
+            markup=False,
+        )
     if save_model is not None:
         console.print(f"saved the final state_dict to {save_model}", markup=False)
     if result.diverged:
@@ -330,6 +383,14 @@ def run(
         )
         raise typer.Exit(EXIT_DIVERGED)
     console.print(f"next: smoothprof fit {output}", markup=False)
+
+
+def _schedule_text(config: RunConfig) -> str:
+    if config.probe_every == 0:
+        return "no probes"
+    if config.probe_schedule == "log":
+        return f"probes log-spaced ({config.probes_per_decade:g} per decade)"
+    return f"probe every {config.probe_every}"
 
 
 def _torch_version() -> str:
@@ -411,23 +472,69 @@ def _choose_estimator(trajectories: list[Trajectory], estimator: str | None) -> 
     )
 
 
-def _fit_points(trajectories: list[Trajectory], column: str, skip_steps: int):
-    grads, values = [], []
+def _fit_points(
+    trajectories: list[Trajectory], column: str, skip_steps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient norms, smoothness and training progress (0 to 1) of the probes of every file
+    at steps >= skip_steps."""
+    grads, values, progress = [], [], []
     for trajectory in trajectories:
-        keep = trajectory.probes["step"] >= skip_steps
+        steps = trajectory.probes["step"]
+        keep = steps >= skip_steps
         grads.append(trajectory.probes["grad_norm"][keep])
         values.append(trajectory.probes[column][keep])
-    return np.concatenate(grads), np.concatenate(values)
+        progress.append(training_progress(steps[keep], _last_step(trajectory)))
+    if skip_steps and sum(int(np.sum(np.isfinite(v))) for v in values) < MIN_POINTS:
+        kept = sum(len(v) for v in values)
+        raise FitError(
+            f"--skip-steps {skip_steps} leaves {kept} probe(s); the fit needs at least "
+            f"{MIN_POINTS} (the last probe is at step "
+            f"{max(int(t.probes['step'].max(initial=-1)) for t in trajectories)})"
+        )
+    return np.concatenate(grads), np.concatenate(values), np.concatenate(progress)
+
+
+def _last_step(trajectory: Trajectory) -> float:
+    """The last step of the run: the last training row, else the planned steps, else the last
+    probe."""
+    train_steps = trajectory.train.get("step", np.array([]))
+    if len(train_steps):
+        return float(np.max(train_steps))
+    planned = trajectory.config.get("steps")
+    if isinstance(planned, int) and planned > 0:
+        return float(planned - 1)
+    return float(np.max(trajectory.probes["step"], initial=0))
+
+
+def _num_steps(trajectories: list[Trajectory]) -> int | None:
+    """T of the stochastic rule: the longest run's planned steps, else its training rows."""
+    counts = []
+    for trajectory in trajectories:
+        planned = trajectory.config.get("steps")
+        if isinstance(planned, int) and not isinstance(planned, bool) and planned > 0:
+            counts.append(planned)
+        elif len(trajectory.train.get("step", [])):
+            counts.append(len(trajectory.train["step"]))
+    return max(counts) if counts else None
 
 
 def _noise_level(trajectories: list[Trajectory]) -> float | None:
+    """τ: the median over the probes of the spread of per-batch gradients; None when no probe
+    measured a positive spread (one probe batch, or identical batches)."""
     noise = np.concatenate([t.probes.get("grad_noise", np.array([])) for t in trajectories])
     noise = noise[np.isfinite(noise) & (noise > 0)]
     return float(np.median(noise)) if len(noise) else None
 
 
 def fit_as_json(
-    fit: EnvelopeFit, recs: Recommendations, estimator: str, files: list[str]
+    fit: EnvelopeFit,
+    recs: Recommendations,
+    estimator: str,
+    files: list[str],
+    *,
+    grad_noise: float | None = None,
+    num_steps: int | None = None,
+    skip_steps: int = 0,
 ) -> dict[str, Any]:
     """The JSON document of ``smoothprof fit --json`` (documented in README.md)."""
     statistics = {
@@ -439,6 +546,7 @@ def fit_as_json(
         {
             "files": files,
             "estimator": estimator,
+            "skip_steps": skip_steps,
             "L0": fit.L0,
             "L1": fit.L1,
             "L0_interval": list(fit.L0_interval) if fit.L0_interval else None,
@@ -449,8 +557,11 @@ def fit_as_json(
             "recommendations": [asdict(r) for r in recs.rules],
             "fixed_step_observed": recs.fixed_step_observed,
             "predicted_speedup": recs.predicted_speedup,
+            "grad_noise": grad_noise,
+            "num_steps": num_steps,
             "explanation": recs.explanation,
             "warnings": list(recs.warnings),
+            "caveats": list(recs.caveats),
             "statistics": statistics,
         }
     )
@@ -492,32 +603,48 @@ def fit(
         trajectories = [read_trajectory(path) for path in trajectory_files]
         chosen = _choose_estimator(trajectories, estimator)
         column = ESTIMATOR_COLUMNS[chosen]
-        grad_norm, smoothness = _fit_points(trajectories, column, skip_steps)
+        grad_norm, smoothness, progress = _fit_points(trajectories, column, skip_steps)
         envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
-        steps = trajectories[0].config.get("steps")
-        recs = recommend(
-            envelope,
-            grad_noise=_noise_level(trajectories),
-            num_steps=steps if isinstance(steps, int) else None,
-        )
+        grad_noise, num_steps = _noise_level(trajectories), _num_steps(trajectories)
+        recs = recommend(envelope, grad_noise=grad_noise, num_steps=num_steps)
     files = [str(path) for path in trajectory_files]
     if as_json:
-        typer.echo(json.dumps(fit_as_json(envelope, recs, chosen, files), indent=2))
+        document = fit_as_json(
+            envelope,
+            recs,
+            chosen,
+            files,
+            grad_noise=grad_noise,
+            num_steps=num_steps,
+            skip_steps=skip_steps,
+        )
+        typer.echo(json.dumps(document, indent=2))
         return
     out_width = _output_width(width)
-    parts: list[Any] = [fit_summary(envelope, chosen, files)]
+    color = _use_color() and not ascii_only
+    parts: list[Any] = [
+        fit_summary(
+            envelope,
+            chosen,
+            files,
+            grad_noise=grad_noise,
+            skip_steps=skip_steps,
+            ascii_only=ascii_only,
+        )
+    ]
     if plot:
         figure = envelope_plot(
             grad_norm,
             smoothness,
             envelope,
+            progress=progress,
             width=out_width,
-            color=_use_color() and not ascii_only,
+            color=color,
             ascii_only=ascii_only,
             smoothness_label=ESTIMATOR_LABELS[chosen],
         )
-        parts.append(Text.from_ansi(figure) if _use_color() else Text(figure))
-    parts.append(recommendations_view(recs))
+        parts.append(Text.from_ansi(figure) if color else Text(figure))
+    parts.append(recommendations_view(recs, ascii_only=ascii_only))
     _emit(out_width, ascii_only, *parts)
 
 
@@ -530,13 +657,13 @@ def plot(
     ascii_only: AsciiOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Plot loss, gradient norm and smoothness over the training steps."""
+    """Plot loss, gradient norm, both smoothness estimates, the step size and the share of
+    clipped steps over the training steps."""
     with _user_errors(debug):
         trajectory = read_trajectory(trajectory_file)
         if trajectory.num_probes == 0 and not len(trajectory.train.get("step", [])):
             raise TrajectoryError(f"{trajectory_file}: holds no rows yet")
     out_width = _output_width(width)
-    figure = series_plot(
-        trajectory, width=out_width, color=_use_color() and not ascii_only, ascii_only=ascii_only
-    )
-    _emit(out_width, ascii_only, Text.from_ansi(figure) if _use_color() else Text(figure))
+    color = _use_color() and not ascii_only
+    figure = series_plot(trajectory, width=out_width, color=color, ascii_only=ascii_only)
+    _emit(out_width, ascii_only, Text.from_ansi(figure) if color else Text(figure))

@@ -72,6 +72,31 @@ def double_backward_backends(device: torch.device) -> Iterator[None]:
         yield
 
 
+class _LossOf(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap in
+    parameter values under the names ``model.<name>``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch = batch
+
+    def forward(self) -> torch.Tensor:
+        return self.loss_fn(self.model, self.batch)
+
+
+HVP_METHODS = ("retained", "double-backward", "forward-over-reverse")
+"""How a Hessian-vector product is taken, fastest first where each works:
+
+- ``retained``: one more backward pass through the double-backward graph kept from the gradient
+  (memory of every probe batch's graph at once);
+- ``double-backward``: the graph rebuilt batch by batch for every product (memory of one batch);
+- ``forward-over-reverse``: ``torch.func.jvp`` of ``torch.func.grad`` (no graph kept; fails for
+  CPU LSTMs and some fused kernels).
+"""
+
+
 class ProbeObjective:
     """f(x) = (1/B) sum_b loss_fn(model, batch_b), with gradients and Hessian-vector products.
 
@@ -80,9 +105,9 @@ class ProbeObjective:
     ``probe.unchanged_model_state``). ``seed`` fixes the dropout masks: batch b is always evaluated
     right after ``torch.manual_seed(seed + b)``.
 
-    HVPs either reuse the double-backward graph of the last ``gradient(create_graph=True)`` call
-    (cheapest; memory grows with the number of batches) or rebuild it batch by batch for every
-    product (memory of one batch). ``retain_graph=None`` retains it for a single batch only.
+    ``hvp_method`` is one of ``HVP_METHODS`` or ``"auto"``: the first of them that works here.
+    The ``retained`` method keeps every probe batch's double-backward graph in memory at once;
+    ``retain_graphs=None`` allows that for a single batch only.
     """
 
     def __init__(
@@ -92,18 +117,28 @@ class ProbeObjective:
         batches: Sequence[Any],
         *,
         seed: int = 0,
-        retain_graph: bool | None = None,
+        hvp_method: str = "auto",
+        retain_graphs: bool | None = None,
     ) -> None:
         if len(batches) == 0:
             raise ValueError("the probe objective needs at least one batch")
+        if hvp_method != "auto" and hvp_method not in HVP_METHODS:
+            raise ValueError(
+                f"hvp_method must be 'auto' or one of {HVP_METHODS}, got {hvp_method!r}"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.seed = seed
-        self.parameters = trainable_parameters(model)
-        if not self.parameters:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no parameters with requires_grad=True")
-        self.retain_graph = len(self.batches) == 1 if retain_graph is None else retain_graph
+        self.parameter_names = [n for n, _ in named]
+        self.parameters = [p for _, p in named]
+        self.retain_graphs = len(self.batches) == 1 if retain_graphs is None else retain_graphs
+        if hvp_method == "retained" and not self.retain_graphs:
+            raise ValueError("hvp_method 'retained' needs retain_graphs for several batches")
+        self.hvp_method = hvp_method
         self.num_hvps = 0
         self._retained: list[torch.Tensor] | None = None
 
@@ -111,15 +146,14 @@ class ProbeObjective:
     def device(self) -> torch.device:
         return self.parameters[0].device
 
-    def _batch_loss(self, index: int) -> torch.Tensor:
+    def _seed_batch(self, index: int) -> None:
         torch.manual_seed(self.seed + index)
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(self.seed + index)
-        loss = self.loss_fn(self.model, self.batches[index])
-        return loss
 
     def _batch_gradient(self, index: int, create_graph: bool) -> tuple[float, list[torch.Tensor]]:
-        loss = self._batch_loss(index)
+        self._seed_batch(index)
+        loss = self.loss_fn(self.model, self.batches[index])
         grads = torch.autograd.grad(
             loss, self.parameters, create_graph=create_graph, allow_unused=True
         )
@@ -129,9 +163,10 @@ class ProbeObjective:
     def gradient(self, *, create_graph: bool = False) -> tuple[float, torch.Tensor, torch.Tensor]:
         """f(x), grad f(x) (flat) and the per-batch gradient spread sqrt(mean_b ||g_b - g||^2).
 
-        With ``create_graph`` and ``retain_graph`` the double-backward graph is kept for ``hvp``.
+        With ``create_graph`` the double-backward graph is kept for ``retained`` HVPs, when the
+        method and the memory allowance permit.
         """
-        keep = create_graph and self.retain_graph
+        keep = create_graph and self.retain_graphs and self.hvp_method in ("auto", "retained")
         total_loss = 0.0
         total: list[torch.Tensor] | None = None
         flat_batch_grads = []
@@ -150,19 +185,73 @@ class ProbeObjective:
         )
         return total_loss / count, flat_mean, spread.mean().sqrt()
 
+    def available_hvp_methods(self) -> list[str]:
+        """The HVP methods this objective can try now, fastest first where each works."""
+        methods = list(HVP_METHODS) if self.hvp_method == "auto" else [self.hvp_method]
+        if self._retained is None and "retained" in methods:
+            methods.remove("retained")
+        return methods
+
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """The Hessian of f times a flat vector, one HVP (over all batches)."""
+        """The Hessian of f times a flat vector, one HVP (over all batches).
+
+        With ``hvp_method="auto"`` the first call settles on the first method that works and
+        keeps it; a method that raises is skipped, and only when all fail is the error raised.
+        """
         self.num_hvps += 1
+        if self.hvp_method != "auto":
+            return self.hvp_with(self.hvp_method, vector)
+        errors: list[Exception] = []
+        for method in self.available_hvp_methods():
+            try:
+                product = self.hvp_with(method, vector)
+            except Exception as error:  # a method that fails here is skipped, never fatal
+                errors.append(error)
+                continue
+            self.hvp_method = method
+            return product
+        raise errors[0]
+
+    def hvp_with(self, method: str, vector: torch.Tensor) -> torch.Tensor:
+        """One HVP by the given method (see ``HVP_METHODS``), not counted in ``num_hvps``."""
         pieces = unflatten(vector.to(self.parameters[0].dtype), self.parameters)
-        if self._retained is not None:
+        if method == "retained":
+            if self._retained is None:
+                raise RuntimeError("no retained graph: call gradient(create_graph=True) first")
             return self._grad_of_dot(self._retained, pieces, retain_graph=True)
         total: torch.Tensor | None = None
         for index in range(len(self.batches)):
-            _, grads = self._batch_gradient(index, create_graph=True)
-            product = self._grad_of_dot(grads, pieces, retain_graph=False)
+            if method == "double-backward":
+                _, grads = self._batch_gradient(index, create_graph=True)
+                product = self._grad_of_dot(grads, pieces, retain_graph=False)
+            elif method == "forward-over-reverse":
+                product = self._forward_over_reverse(index, pieces)
+            else:
+                raise ValueError(f"unknown HVP method {method!r}")
             total = product if total is None else total + product
         assert total is not None
         return total / len(self.batches)
+
+    def _forward_over_reverse(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
+        from torch.func import functional_call, grad, jvp
+
+        # Buffers go in as copies: torch.func refuses in-place updates of the real ones
+        # (BatchNorm's running statistics in train mode).
+        buffers = {f"model.{n}": b.detach() for n, b in self.model.named_buffers()}
+        names = [f"model.{n}" for n in self.parameter_names]
+        wrapper = _LossOf(self.model, self.loss_fn, self.batches[index])
+
+        def loss_at(*values: torch.Tensor) -> torch.Tensor:
+            self._seed_batch(index)
+            copies = {name: b.clone() for name, b in buffers.items()}  # made inside the transform
+            return functional_call(wrapper, {**copies, **dict(zip(names, values))}, ())
+
+        primals = tuple(p.detach() for p in self.parameters)
+        argnums = tuple(range(len(primals)))
+        _, tangent = jvp(
+            lambda *values: grad(loss_at, argnums=argnums)(*values), primals, tuple(pieces)
+        )
+        return flatten(list(tangent))
 
     def _grad_of_dot(
         self, grads: list[torch.Tensor], vector: list[torch.Tensor], *, retain_graph: bool

@@ -23,6 +23,7 @@ from torch import nn
 
 from .estimators import finite_difference_smoothness, lanczos_top_eigenpair
 from .objective import (
+    HVP_METHODS,
     LossFn,
     ProbeObjective,
     double_backward_backends,
@@ -32,7 +33,7 @@ from .objective import (
     unflatten,
 )
 
-ESTIMATORS = ("fd", "hvp")
+ESTIMATORS = ("fd", "hvp", "curvature")
 MODES = ("train", "eval")
 
 
@@ -62,6 +63,7 @@ class ProbeRecord:
     loss: float
     grad_norm: float
     grad_noise: float
+    grad_curvature: float
     smoothness_fd: float
     hessian_norm: float
     hessian_eig: float
@@ -114,7 +116,8 @@ def hessian_norm(
     start: torch.Tensor | None = None,
     mode: str | None = None,
     seed: int = 0,
-    retain_graph: bool | None = None,
+    hvp_method: str = "auto",
+    retain_graphs: bool | None = None,
 ) -> HessianNorm:
     """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over batches.
 
@@ -143,7 +146,14 @@ def hessian_norm(
     device = parameters[0].device
     with unchanged_model_state(model, device), double_backward_backends(device):
         _set_mode(model, mode)
-        objective = ProbeObjective(model, loss_fn, batches, seed=seed, retain_graph=retain_graph)
+        objective = ProbeObjective(
+            model,
+            loss_fn,
+            batches,
+            seed=seed,
+            hvp_method=hvp_method,
+            retain_graphs=retain_graphs,
+        )
         objective.gradient(create_graph=True)
         result = _top_eigenpair(objective, start, rtol=rtol, max_hvps=max_hvps, seed=seed)
         objective.release()
@@ -181,6 +191,56 @@ def every_k_steps(every: int) -> Callable[[int], bool]:
     return lambda step: step % every == 0
 
 
+def log_spaced_steps(per_decade: float = 10.0) -> Callable[[int], bool]:
+    """Probe at step 0 and about ``per_decade`` steps per decade after it (1, 2, 3, ..., 10, 13,
+    16, 20, ...): dense while the early trajectory changes fast, sparse later (Cockpit's
+    logarithmic schedule)."""
+    if per_decade <= 0:
+        raise ValueError(f"per_decade must be positive, got {per_decade}")
+
+    def due(step: int) -> bool:
+        if step <= 1:
+            return step >= 0
+        return math.floor(per_decade * math.log10(step)) > math.floor(
+            per_decade * math.log10(step - 1)
+        )
+
+    return due
+
+
+def fastest_hvp_method(
+    objective: ProbeObjective, vector: torch.Tensor, *, repeats: int = 2
+) -> tuple[str, dict[str, float]]:
+    """Time every HVP method that works on this objective; return the fastest and the timings.
+
+    A method that raises, or whose product disagrees with the first working one beyond float
+    round-off, is left out. When none works, the first method's error is raised.
+    """
+    timings: dict[str, float] = {}
+    reference: torch.Tensor | None = None
+    errors: list[Exception] = []
+    for method in objective.available_hvp_methods():
+        try:
+            product = objective.hvp_with(method, vector)  # also a warm-up
+            started = time.perf_counter()
+            for _ in range(repeats):
+                objective.hvp_with(method, vector)
+            seconds = (time.perf_counter() - started) / repeats
+        except Exception as error:  # a method that fails here is skipped, never fatal
+            errors.append(error)
+            continue
+        if reference is None:
+            reference = product
+        else:
+            tolerance = 1e-3 * float(torch.linalg.vector_norm(reference)) + 1e-12
+            if float(torch.linalg.vector_norm(product - reference)) > tolerance:
+                continue
+        timings[method] = seconds
+    if not timings:
+        raise errors[0]
+    return min(timings, key=timings.__getitem__), timings
+
+
 class Probe:
     """Measures smoothness at scheduled steps of a training loop it does not disturb.
 
@@ -195,10 +255,18 @@ class Probe:
 
     ``probe.records`` holds one ``ProbeRecord`` per probe; ``on_record`` (e.g. a
     ``TrajectoryWriter.append_probe``) is called with each as soon as it is complete.
-    ``estimators`` selects "fd" (finite difference along the update) and "hvp" (top Hessian
-    eigenvalue); ``fd_points`` are the fractions gamma of the update where the gradient is taken;
-    ``mode`` is the train/eval mode the probe objective is evaluated in ("train" as the paper's
-    code, "eval", or None for the model's own mode at the time).
+
+    ``estimators`` selects "fd" (finite difference along the update), "hvp" (top Hessian
+    eigenvalue) and "curvature" (g'Hg/||g||^2, the curvature along the gradient, one HVP);
+    ``fd_points`` are the fractions gamma of the update where the gradient is taken; ``mode`` is
+    the train/eval mode the probe objective is evaluated in ("train" as the paper's code,
+    "eval", or None for the model's own mode at the time). ``schedule`` (a function of the step,
+    e.g. ``log_spaced_steps()``) overrides ``every``. ``max_overhead`` (e.g. 0.25) skips a due
+    probe while the time spent probing exceeds that fraction of the time spent training, so a
+    run takes at most about (1 + max_overhead) times as long as without probes; the first due
+    probe always runs. ``hvp_method`` is one of ``objective.HVP_METHODS`` or "auto" (the fastest
+    that works, timed at the first probe); ``retain_graphs`` allows the "retained" method to
+    keep every probe batch's graph at once (default: only for a single batch).
     """
 
     def __init__(
@@ -209,13 +277,15 @@ class Probe:
         *,
         every: int = 10,
         schedule: Callable[[int], bool] | None = None,
+        max_overhead: float | None = None,
         estimators: Sequence[str] = ESTIMATORS,
         rtol: float = 1e-3,
         max_hvps: int = 100,
         fd_points: Sequence[float] = (0.5,),
         mode: str | None = "train",
         seed: int = 0,
-        retain_graph: bool | None = None,
+        hvp_method: str = "auto",
+        retain_graphs: bool | None = None,
         on_record: Callable[[ProbeRecord], None] | None = None,
     ) -> None:
         unknown = sorted(set(estimators) - set(ESTIMATORS))
@@ -225,21 +295,31 @@ class Probe:
             raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
         if any(not 0 < gamma <= 1 for gamma in fd_points) or not fd_points:
             raise ValueError(f"fd_points must lie in (0, 1], got {list(fd_points)}")
+        if hvp_method != "auto" and hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be 'auto' or one of {HVP_METHODS}")
+        if max_overhead is not None and max_overhead < 0:
+            raise ValueError(f"max_overhead must be >= 0, got {max_overhead}")
         self.model = model
         self.loss_fn = loss_fn
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("the probe needs at least one batch")
         self.schedule = schedule if schedule is not None else every_k_steps(every)
+        self.max_overhead = max_overhead
         self.estimators = tuple(estimators)
         self.rtol = rtol
         self.max_hvps = max_hvps
         self.fd_points = tuple(fd_points)
         self.mode = mode
         self.seed = seed
-        self.retain_graph = retain_graph
+        self.hvp_method = hvp_method
+        self.hvp_timings: dict[str, float] = {}
+        self.retain_graphs = retain_graphs
         self.on_record = on_record
         self.records: list[ProbeRecord] = []
+        self.skipped = 0
+        self.probe_seconds = 0.0
+        self._started: float | None = None
         self._eigenvector: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None
 
@@ -248,7 +328,18 @@ class Probe:
         return trainable_parameters(self.model)
 
     def is_due(self, step: int) -> bool:
-        return bool(self.schedule(step))
+        """Whether to probe at ``step``: the schedule says so and the overhead budget allows."""
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+        if not self.schedule(step):
+            return False
+        if self.max_overhead is not None and self.records:
+            training_seconds = now - self._started - self.probe_seconds
+            if self.probe_seconds > self.max_overhead * training_seconds:
+                self.skipped += 1
+                return False
+        return True
 
     @contextlib.contextmanager
     def around_step(self, step: int) -> Iterator[None]:
@@ -266,7 +357,8 @@ class Probe:
             self.loss_fn,
             self.batches,
             seed=self.seed,
-            retain_graph=self.retain_graph,
+            hvp_method=self.hvp_method,
+            retain_graphs=self.retain_graphs,
         )
 
     def before_step(self, step: int) -> None:
@@ -279,7 +371,17 @@ class Probe:
             _set_mode(self.model, self.mode)
             objective = self._objective()
             want_hvp = "hvp" in self.estimators
-            loss, gradient, spread = objective.gradient(create_graph=want_hvp)
+            want_curvature = "curvature" in self.estimators
+            loss, gradient, spread = objective.gradient(create_graph=want_hvp or want_curvature)
+            gradient_norm = torch.linalg.vector_norm(gradient)
+            if (want_hvp or want_curvature) and self.hvp_method == "auto":
+                direction = gradient if gradient_norm > 0 else torch.ones_like(gradient)
+                self.hvp_method, self.hvp_timings = fastest_hvp_method(objective, direction)
+                objective.hvp_method = self.hvp_method
+            curvature = math.nan
+            if want_curvature and gradient_norm > 0:
+                unit = gradient / gradient_norm
+                curvature = float(torch.dot(unit, objective.hvp_with(objective.hvp_method, unit)))
             if want_hvp:
                 eig = _top_eigenpair(
                     objective,
@@ -296,6 +398,7 @@ class Probe:
             "loss": loss,
             "gradient": gradient,
             "grad_noise": float(spread),
+            "grad_curvature": curvature,
             "eig": eig,
             "point": flatten([p.detach() for p in parameters]).clone()
             if "fd" in self.estimators
@@ -318,6 +421,7 @@ class Probe:
             loss=pending["loss"],
             grad_norm=float(torch.linalg.vector_norm(pending["gradient"])),
             grad_noise=pending["grad_noise"],
+            grad_curvature=pending["grad_curvature"],
             smoothness_fd=smoothness_fd,
             hessian_norm=eig.value if eig else math.nan,
             hessian_eig=eig.eigenvalue if eig else math.nan,
@@ -325,6 +429,7 @@ class Probe:
             hessian_converged=eig.converged if eig else False,
             seconds=pending["seconds"] + time.perf_counter() - started,
         )
+        self.probe_seconds += record.seconds
         self.records.append(record)
         if self.on_record is not None:
             self.on_record(record)

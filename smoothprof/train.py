@@ -20,9 +20,19 @@ import torch
 
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import trainable_parameters
-from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
+from .objective import HVP_METHODS
+from .probe import (
+    ESTIMATORS,
+    MODES,
+    Probe,
+    ProbeRecord,
+    every_k_steps,
+    log_spaced_steps,
+    unchanged_model_state,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("every", "log")
 
 
 class ConfigError(ValueError):
@@ -39,6 +49,11 @@ class RunConfig:
     momentum: float = 0.9
     clip: float | None = None
     probe_every: int = 10
+    probe_schedule: str = "every"
+    probes_per_decade: float = 10.0
+    max_overhead: float = 0.25
+    hvp_method: str = "auto"
+    retain_graphs: bool | None = None
     probe_batches: int = 4
     estimators: tuple[str, ...] = ESTIMATORS
     fd_points: tuple[float, ...] = (0.5,)
@@ -95,6 +110,20 @@ class RunConfig:
             )
         if not isinstance(self.probe_every, int) or self.probe_every < 0:
             problems.append(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        if self.probe_schedule not in SCHEDULES:
+            problems.append(
+                f"probe_schedule must be one of {', '.join(SCHEDULES)}, got {self.probe_schedule!r}"
+            )
+        if not _positive(self.probes_per_decade):
+            problems.append(f"probes_per_decade must be positive, got {self.probes_per_decade!r}")
+        if not isinstance(self.max_overhead, (int, float)) or not self.max_overhead > 0:
+            problems.append(
+                f"max_overhead must be positive (inf: no cap), got {self.max_overhead!r}"
+            )
+        if self.hvp_method not in ("auto", *HVP_METHODS):
+            problems.append(
+                f"hvp_method must be one of auto, {', '.join(HVP_METHODS)}, got {self.hvp_method!r}"
+            )
         if not isinstance(self.probe_batches, int) or self.probe_batches <= 0:
             problems.append(f"probe_batches must be a positive integer, got {self.probe_batches!r}")
         if any(not (isinstance(g, (int, float)) and 0 < g <= 1) for g in self.fd_points):
@@ -120,6 +149,16 @@ class RunConfig:
         data["estimators"] = list(self.estimators)
         data["fd_points"] = list(self.fd_points)
         return data
+
+
+def probe_schedule(config: RunConfig) -> Callable[[int], bool]:
+    """The steps to probe at: every ``probe_every`` steps, or log-spaced; never with
+    ``probe_every=0``."""
+    if config.probe_every == 0:
+        return every_k_steps(0)
+    if config.probe_schedule == "log":
+        return log_spaced_steps(config.probes_per_decade)
+    return every_k_steps(config.probe_every)
 
 
 def _positive(value: Any) -> bool:
@@ -199,6 +238,8 @@ class RunResult:
     steps_done: int = 0
     final_loss: float = math.nan
     probes: list[ProbeRecord] = field(default_factory=list)
+    probes_skipped: int = 0
+    hvp_method: str = ""
     diverged_at: int | None = None
     seconds: float = 0.0
 
@@ -256,7 +297,10 @@ def train(
         model,
         model_file.call_loss,
         run.probe_batches,
-        every=config.probe_every,
+        schedule=probe_schedule(config),
+        max_overhead=None if math.isinf(config.max_overhead) else config.max_overhead,
+        hvp_method=config.hvp_method,
+        retain_graphs=config.retain_graphs,
         estimators=config.estimators,
         rtol=config.rtol,
         max_hvps=config.max_hvps,
@@ -300,6 +344,8 @@ def train(
             result.diverged_at = step
             break
     result.seconds = time.perf_counter() - started
+    result.probes_skipped = probe.skipped
+    result.hvp_method = probe.hvp_method
     return result
 
 

@@ -28,6 +28,7 @@ PROBE_COLUMNS: dict[str, type] = {
     "loss": np.float64,
     "grad_norm": np.float64,
     "grad_noise": np.float64,
+    "grad_curvature": np.float64,
     "smoothness_fd": np.float64,
     "hessian_norm": np.float64,
     "hessian_eig": np.float64,

@@ -33,7 +33,9 @@ def _train(tmp_path, name, **options):
     model_path = tmp_path / "noisy.py"
     model_path.write_text(NOISY_MODEL)
     spec = load_model_file(model_path)
-    config = RunConfig.from_options({}, {"steps": 12, "lr": 0.1, **options})
+    config = RunConfig.from_options(
+        {}, {"steps": 12, "lr": 0.1, "max_overhead": math.inf, **options}
+    )
     prepared = prepare_run(spec, config)
     with TrajectoryWriter(tmp_path / f"{name}.h5") as writer:
         result = train(prepared, on_probe=writer.append_probe, on_train_row=writer.append_train)
