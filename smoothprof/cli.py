@@ -214,10 +214,13 @@ def run(
     ] = None,
     probe_schedule: Annotated[
         str | None,
-        typer.Option(help="every (every K steps) or log (log-spaced, dense early) [default: every]."),
+        typer.Option(
+            help="every (every K steps) or log (log-spaced, dense early) [default: every]."
+        ),
     ] = None,
     probes_per_decade: Annotated[
-        float | None, typer.Option(help="Probes per decade of steps for --probe-schedule log [default: 10].")
+        float | None,
+        typer.Option(help="Probes per decade of steps for --probe-schedule log [default: 10]."),
     ] = None,
     max_overhead: Annotated[
         float | None,

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
-from .objective import trainable_parameters
-from .objective import HVP_METHODS
+from .objective import HVP_METHODS, trainable_parameters
 from .probe import (
     ESTIMATORS,
     MODES,
