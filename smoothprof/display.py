@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotext as plt
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -97,36 +98,102 @@ def format_number(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+# Training progress: the probes of each third of a run get their own marker (and colour), so the
+# log-log scatter shows where along the run each point was measured, also without colour.
+PROGRESS_THIRDS = (
+    ("early (first third of the run)", "o", "green+"),
+    ("middle third", "x", "orange+"),
+    ("late (last third)", "*", "red+"),
+)
+
+
+def training_progress(steps: np.ndarray, last_step: float) -> np.ndarray:
+    """step / last_step clipped to [0, 1]: the fraction of a run done when each probe measured.
+
+    >>> training_progress(np.array([0, 50, 100]), 100).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    if not last_step > 0:
+        return np.zeros_like(steps)
+    return np.clip(steps / float(last_step), 0.0, 1.0)
+
+
+def progress_third(progress: np.ndarray) -> np.ndarray:
+    """0, 1 or 2: the third of the run (early, middle, late) a progress fraction falls in.
+
+    >>> progress_third(np.array([0.0, 0.33, 0.34, 0.66, 0.67, 1.0])).tolist()
+    [0, 0, 1, 1, 2, 2]
+    """
+    return np.minimum((np.asarray(progress, dtype=np.float64) * 3.0).astype(int), 2)
+
+
+def rolling_share(flags: np.ndarray, window: int) -> np.ndarray:
+    """Share of true flags over the trailing `window` entries (fewer at the start).
+
+    >>> rolling_share(np.array([1, 0, 1, 1]), 2).tolist()
+    [1.0, 0.5, 0.5, 1.0]
+    """
+    flags = np.asarray(flags, dtype=np.float64)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    totals = np.cumsum(np.concatenate(([0.0], flags)))
+    ends = np.arange(1, flags.size + 1)
+    starts = np.maximum(ends - window, 0)
+    return (totals[ends] - totals[starts]) / (ends - starts)
+
+
 def envelope_plot(
     grad_norm: np.ndarray,
     smoothness: np.ndarray,
     fit: EnvelopeFit,
     *,
+    progress: np.ndarray | None = None,
     width: int = 100,
     height: int = 24,
     color: bool = False,
     ascii_only: bool = False,
     smoothness_label: str = "smoothness",
 ) -> str:
-    """Gradient norm against smoothness on log axes, with the fitted envelope L0 + L1 g."""
-    keep = np.isfinite(grad_norm) & np.isfinite(smoothness) & (grad_norm > 0) & (smoothness > 0)
+    """Gradient norm against smoothness on log axes, with the fitted envelope L0 + L1 g.
+
+    With `progress` (the fraction of the run done at each point, see training_progress) the
+    points of the early, middle and late third of the run get their own marker and legend entry.
+    """
+    grad_norm = np.asarray(grad_norm, dtype=np.float64)
+    smoothness = np.asarray(smoothness, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        keep = np.isfinite(grad_norm) & np.isfinite(smoothness) & (grad_norm > 0) & (smoothness > 0)
     g, s = grad_norm[keep], smoothness[keep]
     _start_figure(width, height, color)
     plt.xscale("log")
     plt.yscale("log")
     if len(g):
-        plt.scatter(
-            g.tolist(), s.tolist(), marker="*", label="probes", color="blue+" if color else None
-        )
         grid = np.geomspace(g.min(), g.max(), 60)
         envelope = fit.L0 + fit.L1 * grid
         plt.plot(
             grid.tolist(),
             envelope.tolist(),
             marker=".",
-            label=f"L0 + L1 g = {fit.L0:.3g} + {fit.L1:.3g} g",
-            color="red+" if color else None,
+            label=f"envelope L0 + L1 g = {fit.L0:.3g} + {fit.L1:.3g} g",
+            color="blue+" if color else None,
         )
+        if progress is None:
+            plt.scatter(
+                g.tolist(), s.tolist(), marker="*", label="probes", color="red+" if color else None
+            )
+        else:
+            thirds = progress_third(np.asarray(progress, dtype=np.float64)[keep])
+            for index, (label, marker, hue) in enumerate(PROGRESS_THIRDS):
+                chosen = thirds == index
+                if chosen.any():
+                    plt.scatter(
+                        g[chosen].tolist(),
+                        s[chosen].tolist(),
+                        marker=marker,
+                        label=label,
+                        color=hue if color else None,
+                    )
     plt.title(f"{smoothness_label} against gradient norm ({fit.num_points} probes)")
     plt.xlabel("gradient norm")
     return _finish(plt.build(), color=color, ascii_only=ascii_only)
@@ -140,43 +207,110 @@ def series_plot(
     color: bool = False,
     ascii_only: bool = False,
 ) -> str:
-    """Loss, gradient norm and both smoothness estimates over training steps (log y)."""
+    """Over the training steps: loss, gradient norm, both smoothness estimates, the step size
+    and the share of clipped steps (over a trailing window, in percent), one figure each.
+
+    Each series has its own marker, so they stay apart without colour. A panel is drawn on a
+    log y axis when its values are positive and span more than a factor 10, else on a linear
+    one; a panel without any finite value is left out.
+    """
     probes, train = trajectory.probes, trajectory.train
-    panels = [("loss", [("train loss", train, "loss"), ("probe loss", probes, "loss")])]
-    panels.append(
-        ("gradient norm", [("train", train, "grad_norm"), ("probe", probes, "grad_norm")])
-    )
-    panels.append(
+    panels = [
+        ("loss", [("train loss", train, "loss", "."), ("probe loss", probes, "loss", "*")]),
+        (
+            "gradient norm",
+            [("train", train, "grad_norm", "."), ("probe", probes, "grad_norm", "*")],
+        ),
         (
             "smoothness",
-            [("||Hessian||", probes, "hessian_norm"), ("finite diff.", probes, "smoothness_fd")],
-        )
-    )
+            [
+                ("||Hessian|| (Lanczos)", probes, "hessian_norm", "*"),
+                ("finite diff. along the update", probes, "smoothness_fd", "x"),
+            ],
+        ),
+        ("step size (learning rate)", [("lr", train, "lr", ".")]),
+    ]
     palette = ["blue+", "red+"]
     figures = []
-    for row, (title, series) in enumerate(panels, start=1):
-        _start_figure(width, panel_height, color)
-        plt.title(title)
-        plt.yscale("log")
-        for index, (label, columns, name) in enumerate(series):
+    for title, series in panels:
+        drawn = []
+        for label, columns, name, marker in series:
             if name not in columns or "step" not in columns:
                 continue
-            steps, values = columns["step"], columns[name]
-            keep = np.isfinite(values) & (values > 0)
-            if not keep.any():
-                continue
-            steps, values = _thin(steps[keep], values[keep], width * 2)
+            values = np.asarray(columns[name], dtype=np.float64)
+            keep = np.isfinite(values)
+            if keep.any():
+                drawn.append((label, marker, np.asarray(columns["step"])[keep], values[keep]))
+        if not drawn:
+            continue
+        _start_figure(width, panel_height, color)
+        plt.title(title)
+        plt.xlabel("step")
+        log_scale, limits = _y_axis(np.concatenate([values for *_, values in drawn]))
+        if log_scale:
+            plt.yscale("log")
+        elif limits is not None:
+            plt.ylim(*limits)
+        for index, (label, marker, steps, values) in enumerate(drawn):
+            if log_scale:
+                steps, values = steps[values > 0], values[values > 0]
+            steps, values = _thin(steps, values, width * 2)
             plt.plot(
                 steps.tolist(),
                 values.tolist(),
-                marker="*" if columns is probes else ".",
+                marker=marker,
                 label=label,
                 color=palette[index] if color else None,
             )
-        if row == len(panels):
-            plt.xlabel("step")
         figures.append(_finish(plt.build(), color=color, ascii_only=ascii_only))
+    clipped = _clipped_share_figure(train, width, panel_height, color)
+    if clipped is not None:
+        figures.append(_finish(clipped, color=color, ascii_only=ascii_only))
     return "\n".join(figures)
+
+
+def _y_axis(values: np.ndarray) -> tuple[bool, tuple[float, float] | None]:
+    """(log scale?, linear limits or None) for finite values: log when all are positive and span
+    more than a factor 10; a constant series gets limits around it (plotext cannot scale one)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    if low > 0 and high > 10.0 * low:
+        return True, None
+    if high == low:
+        margin = abs(low) / 2.0 if low != 0 else 1.0
+        return False, (low - margin, high + margin)
+    return False, None
+
+
+def clipped_share_window(num_steps: int) -> int:
+    """The trailing window of the clipped-share series: a fiftieth of the run, at least 1 step."""
+    return max(1, num_steps // 50)
+
+
+def _clipped_share_figure(train: dict, width: int, height: int, color: bool) -> str | None:
+    """The share of clipped steps over a trailing window, in percent; None without train rows."""
+    if "clipped" not in train or "step" not in train or not len(train["step"]):
+        return None
+    steps = np.asarray(train["step"])
+    flags = np.asarray(train["clipped"], dtype=np.float64)
+    window = clipped_share_window(len(steps))
+    share = 100.0 * rolling_share(flags, window)
+    steps, share = _thin(steps, share, width * 2)
+    _start_figure(width, height, color)
+    overall = float(np.mean(flags))
+    plt.title(
+        f"share of clipped steps, % over the last {window} step(s) "
+        f"({overall:.0%} of all {len(flags)} steps)"
+    )
+    plt.ylim(0, 100)
+    plt.plot(
+        steps.tolist(),
+        share.tolist(),
+        marker=".",
+        label="clipped",
+        color="orange+" if color else None,
+    )
+    plt.xlabel("step")
+    return plt.build()
 
 
 def _thin(steps: np.ndarray, values: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,12 +320,37 @@ def _thin(steps: np.ndarray, values: np.ndarray, limit: int) -> tuple[np.ndarray
     return steps[index], values[index]
 
 
-def fit_summary(fit: EnvelopeFit, estimator: str, source_files: Sequence[str]) -> Table:
-    """The fitted constants and the statistics beside them."""
-    table = Table(title="(L0, L1) envelope fit", show_header=True, header_style="bold")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    table.add_column("meaning")
+def _table(title: str, ascii_only: bool) -> Table:
+    return Table(
+        title=title,
+        show_header=True,
+        header_style="bold",
+        box=box.ASCII if ascii_only else box.HEAVY_HEAD,
+    )
+
+
+def _text(text: str, ascii_only: bool, style: str = "") -> Text:
+    """Plain text, never parsed as markup; ASCII only when asked (before layout, so widths hold)."""
+    return Text(to_ascii(text) if ascii_only else text, style=style)
+
+
+def fit_summary(
+    fit: EnvelopeFit,
+    estimator: str,
+    source_files: Sequence[str],
+    *,
+    grad_noise: float | None = None,
+    skip_steps: int = 0,
+    ascii_only: bool = False,
+) -> Table:
+    """The fitted constants and the statistics beside them.
+
+    `grad_noise` is the gradient-noise level the recommendations used (None: not measured).
+    """
+    table = _table("(L0, L1) envelope fit", ascii_only)
+    table.add_column("quantity", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_column("meaning", overflow="fold")
 
     def interval(bounds: tuple[float, float] | None) -> str:
         if bounds is None:
@@ -199,46 +358,68 @@ def fit_summary(fit: EnvelopeFit, estimator: str, source_files: Sequence[str]) -
         return f" [{format_number(bounds[0])}, {format_number(bounds[1])}]"
 
     level = f"{fit.confidence:.0%} bootstrap interval" if fit.L0_interval else ""
-    table.add_row("L0", format_number(fit.L0) + interval(fit.L0_interval), level)
-    table.add_row("L1", format_number(fit.L1) + interval(fit.L1_interval), level)
-    table.add_row("points", str(fit.num_points), f"{fit.num_dropped} dropped (non-finite or <= 0)")
-    table.add_row("under envelope", f"{fit.share_below:.1%}", f"quantile fit at {fit.quantile:g}")
-    table.add_row(
-        "Spearman log-log",
-        format_number(fit.spearman_log, 3),
-        "correlation of log smoothness with log gradient norm",
+    skipped = f"; probes before step {skip_steps} skipped" if skip_steps else ""
+    noise = (
+        ("-", "not measured: needs 2 or more probe batches")
+        if grad_noise is None
+        else (format_number(grad_noise), "median spread of per-batch gradients over the probes")
     )
-    table.add_row("Pearson log-log", format_number(fit.pearson_log, 3), "")
-    table.add_row("L_max", format_number(fit.L_max), "largest measured smoothness")
-    table.add_row("G_max", format_number(fit.G_max), "largest measured gradient norm")
-    table.caption = Text(
-        f"smoothness: {ESTIMATOR_LABELS[estimator]}; file(s): {', '.join(source_files)}"
+    rows = [
+        ("L0", format_number(fit.L0) + interval(fit.L0_interval), level),
+        ("L1", format_number(fit.L1) + interval(fit.L1_interval), level),
+        (
+            "points",
+            str(fit.num_points),
+            f"{fit.num_dropped} dropped (non-finite or <= 0){skipped}",
+        ),
+        ("under envelope", f"{fit.share_below:.1%}", f"quantile fit at {fit.quantile:g}"),
+        (
+            "Spearman log-log",
+            format_number(fit.spearman_log, 3),
+            "correlation of log smoothness with log gradient norm",
+        ),
+        ("Pearson log-log", format_number(fit.pearson_log, 3), ""),
+        ("L_max", format_number(fit.L_max), "largest measured smoothness"),
+        ("G_max", format_number(fit.G_max), "largest measured gradient norm"),
+        ("gradient noise τ", *noise),
+    ]
+    for row in rows:
+        table.add_row(*(_text(cell, ascii_only) for cell in row))
+    table.caption = _text(
+        f"smoothness: {ESTIMATOR_LABELS[estimator]}; file(s): {', '.join(source_files)}",
+        ascii_only,
     )
     return table
 
 
-def recommendations_view(recs: Recommendations) -> Group:
-    """Every supported rule, then the headline as ready-to-paste PyTorch."""
-    table = Table(title="Suggested clip threshold and step size", header_style="bold")
-    table.add_column("rule")
-    table.add_column("clip c", justify="right")
-    table.add_column("step size", justify="right")
-    table.add_column("source")
+def recommendations_view(recs: Recommendations, *, ascii_only: bool = False) -> Group:
+    """Every supported rule, the headline explained, warnings and caveats, then the headline as
+    ready-to-paste PyTorch."""
+    table = _table("Suggested clip threshold and step size", ascii_only)
+    table.add_column("rule", overflow="fold")
+    table.add_column("clip c", justify="right", overflow="fold")
+    table.add_column("step size", justify="right", overflow="fold")
+    table.add_column("source", overflow="fold")
     for rec in recs.rules:
         marker = " (headline)" if rec.rule == recs.headline.rule else ""
-        table.add_row(
-            Text(rec.title + marker),
+        cells = (
+            rec.title + marker,
             "none" if rec.clip_threshold is None else format_number(rec.clip_threshold),
             step_size_text(rec),
-            Text(rec.source),
+            rec.source,
         )
-    table.caption = "step sizes written a/(g + b) scale with the gradient norm g of each step"
-    lines = [Text(recs.explanation)]
-    lines += [Text(f"warning: {w}", style="yellow") for w in recs.warnings]
+        table.add_row(*(_text(cell, ascii_only) for cell in cells))
+    table.caption = _text(
+        "step sizes written a/(g + b) scale with the gradient norm g of each step", ascii_only
+    )
+    lines = [_text(recs.explanation, ascii_only)]
+    lines += [_text(f"warning: {w}", ascii_only, style="yellow") for w in recs.warnings]
+    lines += [_text(f"note: {c}", ascii_only, style="dim") for c in recs.caveats]
     snippet = Panel(
-        Text(pytorch_snippet(recs.headline)),
-        title=f"headline: {recs.headline.title}",
+        _text(pytorch_snippet(recs.headline), ascii_only),
+        title=_text(f"headline: {recs.headline.title}", ascii_only),
         expand=False,
+        box=box.ASCII if ascii_only else box.ROUNDED,
     )
     return Group(table, *lines, snippet)
 
