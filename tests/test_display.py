@@ -8,8 +8,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,6 +184,19 @@ def test_fit_reports_the_noise_and_warns_when_the_clip_threshold_is_below_it(syn
     assert "optimizer = torch.optim.SGD(model.parameters(), lr=" in text
 
 
+def test_readme_documents_exactly_the_json_keys(synthetic):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### `smoothprof fit --json`")[1].split("\n## ")[0]
+    documented = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            documented |= set(re.findall(r"`(\w+)`", row.split("|")[1]))
+    data = json.loads(invoke("fit", synthetic, "--json").stdout)
+    assert documented == set(data)
+    statistics_row = next(r for r in section.splitlines() if r.startswith("| `statistics`"))
+    assert set(re.findall(r"`(\w+)`", statistics_row.split("|")[2])) == set(data["statistics"])
+
+
 def test_width_comes_from_columns_else_100(synthetic):
     for command in ("fit", "plot"):
         for env, width in [({"COLUMNS": "72"}, 72), ({}, 100), ({"COLUMNS": "wide"}, 100)]:
@@ -191,6 +206,14 @@ def test_width_comes_from_columns_else_100(synthetic):
             lines = result.stdout.splitlines()
             assert max(len(line) for line in lines) == width, (command, env)
             assert all(line == line.rstrip() for line in lines)
+
+
+def test_no_escape_code_in_a_log_even_when_rich_is_told_to_force_colour(synthetic):
+    env = {"COLUMNS": "100", "FORCE_COLOR": "1", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}
+    for command in ("fit", "plot"):
+        result = invoke(command, synthetic, env=env)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.stdout
 
 
 PTY_SCRIPT = """
