@@ -11,6 +11,7 @@ from torch import nn
 
 from smoothprof import Probe, hessian_norm
 from smoothprof.objective import HVP_METHODS, ProbeObjective, flatten
+from smoothprof.probe import every_k_steps, fastest_hvp_method, log_spaced_steps
 
 
 @pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
@@ -218,3 +219,77 @@ def test_finite_difference_approaches_the_dense_hessian_along_a_small_update():
     expected = float(torch.linalg.vector_norm(hessian @ d) / torch.linalg.vector_norm(d))
     assert probe.records[0].smoothness_fd == pytest.approx(expected, rel=1e-4)
     assert expected <= abs(top_eigenvalue(hessian)) + 1e-9
+
+
+def test_curvature_along_the_gradient_matches_dense_hessian():
+    _, model, loss_fn, batches = small_models()[0]
+    hessian = dense_hessian(model, loss_fn, batches)
+    probe = Probe(model, loss_fn, batches, every=1, estimators=("curvature",))
+    probe.before_step(0)
+    record = probe.after_step(update_made=False)
+    gradient = ProbeObjective(model, loss_fn, batches).gradient()[1]
+    expected = float(gradient @ hessian @ gradient / (gradient @ gradient))
+    assert record.grad_curvature == pytest.approx(expected, rel=1e-10)
+    assert math.isnan(record.hessian_norm) and math.isnan(record.smoothness_fd)
+
+
+class TinyLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(
+            8, 2, dim_feedforward=16, dropout=0.1, batch_first=True
+        )
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.parametrize("make", [TinyLSTM, TinyTransformer], ids=["lstm", "transformer"])
+def test_every_model_kind_gets_a_working_hvp_method(make):
+    torch.manual_seed(0)
+    model = make().double()
+    width = 3 if make is TinyLSTM else 8
+    batches = [(torch.randn(4, 5, width, dtype=torch.float64), torch.randint(0, 2, (4,)))]
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    objective = ProbeObjective(model, loss_fn, batches)
+    objective.gradient(create_graph=True)
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    method, timings = fastest_hvp_method(objective, vector)
+    assert method in timings and set(timings) <= set(HVP_METHODS)
+    exact = top_eigenvalue(dense_hessian(model, loss_fn, batches))
+    for method in timings:
+        result = hessian_norm(model, loss_fn, batches, hvp_method=method, rtol=1e-6)
+        assert result.eigenvalue == pytest.approx(exact, rel=1e-5), method
+
+
+def test_log_spaced_schedule():
+    due = log_spaced_steps(per_decade=4)
+    steps = [s for s in range(1001) if due(s)]
+    assert steps[:4] == [0, 1, 2, 4]
+    assert len(steps) == pytest.approx(1 + 4 * 3, abs=2)
+    assert steps[-1] == 1000
+    assert every_k_steps(0)(0) is False
+
+
+def test_overhead_cap_skips_due_probes_but_not_the_first():
+    _, model, loss_fn, batches = small_models()[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.0)
+    for step in range(5):
+        with probe.around_step(step):
+            optimizer.zero_grad()
+            loss_fn(model, batches[0]).backward()
+            optimizer.step()
+    assert [r.step for r in probe.records] == [0]
+    assert probe.skipped == 4

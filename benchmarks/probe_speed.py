@@ -1,0 +1,287 @@
+"""How fast and how exact the probe is, measured side by side in one run.
+
+    python benchmarks/probe_speed.py [--quick] [--markdown]
+
+Prints four tables:
+
+1. HVP cost: seconds per Hessian-vector product by each method, as a multiple of one gradient on
+   the same batch (median of repeats), for an MLP, a CNN with BatchNorm, an LSTM and a
+   transformer layer; "fails" where a method raises.
+2. Top eigenvalue to rtol 1e-3: smoothprof's Lanczos (residual-certified) against power iteration
+   with PyHessian's stopping rule, and PyHessian itself (``pip install pyhessian==0.1``; the
+   column is skipped when it is not installed): HVPs, wall time and the relative error against
+   a reference eigenvalue (Lanczos to rtol 1e-9). PyHessian forces eval mode, so all solvers
+   here measure the eval-mode Hessian.
+3. Warm start: mean HVPs per probe along a short training run, probing every few steps.
+4. Overhead: wall time of each sample model's run at its defaults, with probes and with
+   ``--probe-every 0``, and their ratio.
+
+Ratios, not seconds, are the figures to compare: they are measured in one process on one
+machine, which the header states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smoothprof import Probe, hessian_norm
+from smoothprof.estimators import lanczos_top_eigenpair, power_iteration_top_eigenpair
+from smoothprof.loading import load_model_file
+from smoothprof.objective import (
+    HVP_METHODS,
+    ProbeObjective,
+    double_backward_backends,
+    preserved_rng,
+)
+from smoothprof.train import RunConfig, prepare_run, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
+    inputs, targets = batch
+    return nn.functional.cross_entropy(model(inputs), targets)
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, vocab: int = 64, embed: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0]).flatten(0, 1)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, vocab: int = 64, width: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layer = nn.TransformerEncoderLayer(
+            width, 4, dim_feedforward=4 * width, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(tokens))).flatten(0, 1)
+
+
+def cnn_with_batchnorm() -> nn.Module:
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return nn.Sequential(
+        block(3, 16), nn.MaxPool2d(2), block(16, 32), nn.MaxPool2d(2), block(32, 32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def models(quick: bool) -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    batch = 32 if quick else 64
+    tokens = torch.randint(0, 64, (batch // 2, 51))
+    text_batch = (tokens[:, :-1], tokens[:, 1:].flatten())
+    return [
+        (
+            "MLP 784-256-256-10",
+            nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                          nn.Linear(256, 10)),
+            (torch.randn(batch, 784), torch.randint(0, 10, (batch,))),
+        ),
+        (
+            "CNN with BatchNorm",
+            cnn_with_batchnorm(),
+            (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))),
+        ),
+        ("char-LSTM 32/128", CharLSTM(), text_batch),
+        ("transformer layer 128", TransformerLayer(), text_batch),
+    ]  # fmt: skip
+
+
+def median_seconds(work: Callable[[], object], repeats: int) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def hvp_costs(quick: bool) -> list[list[str]]:
+    rows = []
+    repeats = 3 if quick else 7
+    for name, model, batch in models(quick):
+        model.train()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+
+        def gradient() -> object:
+            return torch.autograd.grad(cross_entropy(model, batch), parameters)
+
+        with preserved_rng(), double_backward_backends(torch.device("cpu")):
+            gradient_seconds = median_seconds(gradient, repeats)
+            objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
+            objective.gradient(create_graph=True)
+            vector = torch.randn(sum(p.numel() for p in parameters))
+            cells = [
+                name,
+                f"{sum(p.numel() for p in parameters):,}",
+                f"{gradient_seconds * 1e3:.1f}",
+            ]
+            for method in HVP_METHODS:
+                try:
+                    seconds = median_seconds(
+                        lambda m=method: objective.hvp_with(m, vector), repeats
+                    )
+                except Exception as error:
+                    cells.append(f"fails ({type(error).__name__})")
+                else:
+                    cells.append(f"{seconds / gradient_seconds:.2f}x")
+            objective.release()
+        rows.append(cells)
+    return rows
+
+
+def eigen_accuracy(quick: bool) -> list[list[str]]:
+    try:
+        from pyhessian import hessian as pyhessian_hessian
+    except ImportError:
+        pyhessian_hessian = None
+    rows = []
+    for name, model, batch in models(quick):
+        model.eval()
+        reference = hessian_norm(model, cross_entropy, [batch], rtol=1e-9, max_hvps=300).eigenvalue
+
+        def relative_error(value: float) -> str:
+            return f"{abs(abs(value) - abs(reference)) / abs(reference):.1e}"
+
+        cells = [name, f"{reference:.4g}"]
+        with double_backward_backends(torch.device("cpu")):
+            for solver in (lanczos_top_eigenpair, power_iteration_top_eigenpair):
+                started = time.perf_counter()
+                objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
+                objective.gradient(create_graph=True)
+                generator = torch.Generator().manual_seed(1)
+                start = torch.randn(
+                    sum(p.numel() for p in objective.parameters), generator=generator
+                )
+                result = solver(objective.hvp, start, rtol=1e-3, max_matvecs=100)
+                seconds = time.perf_counter() - started
+                objective.release()
+                cells += [
+                    str(result.num_matvecs),
+                    f"{seconds:.2f}",
+                    relative_error(result.eigenvalue),
+                ]
+        if pyhessian_hessian is not None:
+            torch.manual_seed(1)
+            started = time.perf_counter()
+            computer = pyhessian_hessian(model, nn.functional.cross_entropy, data=batch, cuda=False)
+            values, _ = computer.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+            seconds = time.perf_counter() - started
+            cells += [f"{seconds:.2f}", relative_error(values[0])]
+        rows.append(cells)
+    return rows, pyhessian_hessian is not None
+
+
+def warm_start(quick: bool) -> list[list[str]]:
+    rows = []
+    steps = 20 if quick else 60
+    for name, model, batch in models(quick):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        probe = Probe(model, cross_entropy, [batch], every=5, estimators=("hvp",), rtol=1e-3)
+        for step in range(steps):
+            with probe.around_step(step):
+                optimizer.zero_grad()
+                cross_entropy(model, batch).backward()
+                optimizer.step()
+        counts = [r.hvp_count for r in probe.records]
+        converged = sum(r.hessian_converged for r in probe.records)
+        rows.append([
+            name, str(len(counts)), str(counts[0]), f"{statistics.mean(counts[1:]):.1f}",
+            f"{converged}/{len(counts)}", probe.hvp_method,
+        ])  # fmt: skip
+    return rows
+
+
+def overhead(quick: bool) -> list[list[str]]:
+    rows = []
+    for path in sorted((REPO / "sample_models").glob("*.py")):
+        spec = load_model_file(path)
+        seconds = {}
+        counts = {}
+        for label, options in (("off", {"probe_every": 0}), ("on", {})):
+            if quick:
+                options = {**options, "steps": 100}
+            config = RunConfig.from_options(spec.defaults, options)
+            started = time.perf_counter()
+            result = train(prepare_run(spec, config))
+            seconds[label] = time.perf_counter() - started
+            counts[label] = (len(result.probes), result.probes_skipped)
+        probes, skipped = counts["on"]
+        rows.append([
+            path.name, f"{seconds['off']:.2f}", f"{seconds['on']:.2f}",
+            f"{seconds['on'] / seconds['off']:.2f}x", str(probes), str(skipped),
+        ])  # fmt: skip
+    return rows
+
+
+def table(title: str, header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
+                 "|" + "---|" * len(header)]  # fmt: skip
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    args = parser.parse_args()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"Python {sys.version.split()[0]}\n"
+    )
+    print(table(
+        "HVP cost per eigen-solver iteration, as a multiple of one gradient (median)",
+        ["model", "parameters", "gradient ms", *HVP_METHODS], hvp_costs(args.quick), args.markdown,
+    ))  # fmt: skip
+    rows, have_pyhessian = eigen_accuracy(args.quick)
+    header = ["model", "|lambda| ref.", "Lanczos HVPs", "s", "rel. error",
+              "power-it. HVPs", "s", "rel. error"]  # fmt: skip
+    if have_pyhessian:
+        header += ["PyHessian s", "rel. error"]
+    print(table("Top eigenvalue to rtol 1e-3 (eval mode, same batch and start)", header, rows,
+                args.markdown))  # fmt: skip
+    print(table(
+        "Warm start from the previous eigenvector, probing every 5 SGD steps",
+        ["model", "probes", "HVPs first", "HVPs mean after", "certified", "HVP method"],
+        warm_start(args.quick), args.markdown,
+    ))  # fmt: skip
+    print(table(
+        "Sample models at their defaults: run time without and with probes",
+        ["model file", "no probes s", "probes s", "ratio", "probes", "skipped (overhead cap)"],
+        overhead(args.quick), args.markdown,
+    ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
