@@ -67,7 +67,8 @@ def lanczos_top_eigenpair(
         raise ValueError("the start vector must be finite and non-zero")
     dim = start.numel()
     max_steps = min(max_matvecs, dim)
-    basis = torch.empty((max_steps, dim), dtype=start.dtype, device=start.device)
+    # The basis grows by doubling: memory follows the iterations used, not the budget.
+    basis = torch.empty((min(max_steps, 8), dim), dtype=start.dtype, device=start.device)
     basis[0] = start.reshape(-1) / start_norm
     alphas: list[float] = []
     betas: list[float] = []
@@ -95,6 +96,11 @@ def lanczos_top_eigenpair(
         if not math.isfinite(beta):
             break
         if k + 1 < max_steps:
+            if k + 1 == basis.shape[0]:
+                rows = min(2 * basis.shape[0], max_steps)
+                grown = torch.empty((rows, dim), dtype=basis.dtype, device=basis.device)
+                grown[: k + 1] = basis
+                basis = grown
             basis[k + 1] = w / beta
     num_matvecs = len(alphas)
     coefficients = torch.as_tensor(ritz_vector, dtype=start.dtype, device=start.device)

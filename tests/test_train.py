@@ -122,3 +122,34 @@ def test_unknown_defaults_key():
     spec = load_model_file(ASSETS / "broken_defaults_bad_key.py")
     with pytest.raises(ConfigError, match="learning_rate"):
         RunConfig.from_options(spec.defaults, {})
+
+
+def test_cli_runs_with_and_without_probes_are_bit_for_bit_equal(tmp_path):
+    """The acceptance test of invisibility, through the command line: BatchNorm and dropout,
+    probes every step (all three estimators) against --probe-every 0."""
+    from typer.testing import CliRunner
+
+    from smoothprof.cli import app
+
+    (tmp_path / "noisy.py").write_text(NOISY_MODEL)
+    runner = CliRunner()
+    outputs = {}
+    for label, every in (("probed", "1"), ("plain", "0")):
+        out = tmp_path / f"{label}.h5"
+        result = runner.invoke(app, [
+            "run", str(tmp_path / "noisy.py"), "-o", str(out), "--steps", "15",
+            "--optimizer", "adam", "--lr", "0.01", "--probe-every", every, "--probe-batches", "2",
+            "--max-overhead", "inf", "--save-model", str(out.with_suffix(".pt")),
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[label] = (
+            read_trajectory(out),
+            torch.load(out.with_suffix(".pt"), weights_only=True),
+        )
+    (probed, probed_state), (plain, plain_state) = outputs["probed"], outputs["plain"]
+    assert probed.num_probes == 15 and plain.num_probes == 0
+    assert np.array_equal(probed.train["loss"], plain.train["loss"])
+    assert np.array_equal(probed.train["grad_norm"], plain.train["grad_norm"])
+    assert probed_state.keys() == plain_state.keys()
+    for key in probed_state:
+        assert torch.equal(probed_state[key], plain_state[key]), key
