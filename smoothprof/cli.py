@@ -358,6 +358,8 @@ def run(
                 writer.close()
                 err.print(f"interrupted: the rows measured so far are in {output}", markup=False)
                 raise typer.Exit(EXIT_INTERRUPTED) from None
+            if result.hvp_method != "auto":
+                writer.set_attribute("hvp_method", result.hvp_method)
             if result.diverged:
                 writer.set_attribute("diverged_at_step", result.diverged_at)
         if save_model is not None:
