@@ -396,13 +396,15 @@ def recommendations_view(recs: Recommendations, *, ascii_only: bool = False) -> 
     """Every supported rule, the headline explained, warnings and caveats, then the headline as
     ready-to-paste PyTorch."""
     table = _table("Suggested clip threshold and step size", ascii_only)
+    table.add_column("#", justify="right")
     table.add_column("rule", overflow="fold")
     table.add_column("clip c", justify="right", overflow="fold")
     table.add_column("step size", justify="right", overflow="fold")
     table.add_column("source", overflow="fold")
-    for rec in recs.rules:
+    for number, rec in enumerate(recs.rules, start=1):
         marker = " (headline)" if rec.rule == recs.headline.rule else ""
         cells = (
+            str(number),
             rec.title + marker,
             "none" if rec.clip_threshold is None else format_number(rec.clip_threshold),
             step_size_text(rec),
@@ -412,7 +414,7 @@ def recommendations_view(recs: Recommendations, *, ascii_only: bool = False) -> 
     table.caption = _text(
         "step sizes written a/(g + b) scale with the gradient norm g of each step", ascii_only
     )
-    lines = [_text(recs.explanation, ascii_only)]
+    lines = [_text(assumptions_text(recs.rules), ascii_only), _text(recs.explanation, ascii_only)]
     lines += [_text(f"warning: {w}", ascii_only, style="yellow") for w in recs.warnings]
     lines += [_text(f"note: {c}", ascii_only, style="dim") for c in recs.caveats]
     snippet = Panel(
@@ -422,6 +424,23 @@ def recommendations_view(recs: Recommendations, *, ascii_only: bool = False) -> 
         box=box.ASCII if ascii_only else box.ROUNDED,
     )
     return Group(table, *lines, snippet)
+
+
+def assumptions_text(rules: Sequence[Recommendation]) -> str:
+    """What each rule assumes, one line per assumption, naming the rules by their number.
+
+    >>> from smoothprof.recommend import Recommendation
+    >>> rule = lambda a: Recommendation("r", "t", None, 1.0, "s", a)
+    >>> print(assumptions_text([rule("smooth"), rule("noisy"), rule("smooth")]))
+    assumptions of rules
+      1, 3: smooth
+      2: noisy
+    """
+    groups: dict[str, list[str]] = {}
+    for number, rec in enumerate(rules, start=1):
+        groups.setdefault(rec.assumptions, []).append(str(number))
+    lines = [f"  {', '.join(numbers)}: {text}" for text, numbers in groups.items()]
+    return "\n".join(["assumptions of rules", *lines])
 
 
 def step_size_text(rec: Recommendation) -> str:

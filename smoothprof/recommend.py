@@ -428,7 +428,9 @@ def _clipped_sgd(L0: float, L1: float, tau: float, T: int, floor_note: str) -> R
         "almost surely; T steps",
         note=_join(
             f"lr = min{{1/(20·L0), 1/(128·L1·τ), 1/√T}} with τ = {tau:.3g}, T = {T}; "
-            "clip γ = min{10·L0, L0/L1}. Check the printed h_k of Theorem 7 before relying on it.",
+            "clip γ = min{10·L0, L0/L1}. A measured noise level (smoothprof fit: the median "
+            "spread of per-batch gradients) stands in for the theorem's almost-sure bound, which "
+            "can be larger. Check the printed h_k of Theorem 7 before relying on it.",
             "L1 = 0: no clipping needed." if clip is None else floor_note,
         ),
     )

@@ -178,6 +178,7 @@ def test_fit_reports_the_noise_and_warns_when_the_clip_threshold_is_below_it(syn
 
     text = invoke("fit", synthetic, "--width", "100").stdout
     assert "gradient noise τ" in text
+    assert "assumptions of rules" in text and "almost surely; T steps" in text
     assert "warning: the gradient noise τ = 10 exceeds the headline clip" in text
     assert "ratio of worst-case bounds" in " ".join(text.split())  # labelled: not a promise
     assert "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=" in text
