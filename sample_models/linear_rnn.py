@@ -83,8 +83,12 @@ defaults = {
     "lr": 0.03,
     "optimizer": "sgd",
     "clip": 1.0,
-    "probe_every": 10,
+    "probe_schedule": "log",  # dense while the gradient falls by five orders of magnitude
+    "probes_per_decade": 10,
     "probe_batches": 2,
+    # A training step here takes a few milliseconds, so a picture worth fitting costs several
+    # times the training time: lift smoothprof's default cap of 25% (meant for real models).
+    "max_overhead": None,
 }
 
 

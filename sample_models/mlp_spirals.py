@@ -46,6 +46,9 @@ defaults = {
     "optimizer": "sgd",
     "probe_every": 25,
     "probe_batches": 2,
+    # A training step here takes about a millisecond, so 60 probes cost several times the
+    # training time: lift smoothprof's default cap of 25% (meant for real models).
+    "max_overhead": None,
 }
 
 

@@ -375,7 +375,7 @@ def run(
     if result.probes_skipped:
         console.print(
             f"skipped {result.probes_skipped} due probes to keep probing under "
-            f"{config.max_overhead:.0%} of the training time (--max-overhead)",
+            f"{config.overhead_cap:.0%} of the training time (--max-overhead)",
             markup=False,
         )
     if save_model is not None:

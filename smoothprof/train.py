@@ -50,7 +50,7 @@ class RunConfig:
     probe_every: int = 10
     probe_schedule: str = "every"
     probes_per_decade: float = 10.0
-    max_overhead: float = 0.25
+    max_overhead: float | None = 0.25
     hvp_method: str = "auto"
     retain_graphs: bool | None = None
     probe_batches: int = 4
@@ -115,7 +115,9 @@ class RunConfig:
             )
         if not _positive(self.probes_per_decade):
             problems.append(f"probes_per_decade must be positive, got {self.probes_per_decade!r}")
-        if not isinstance(self.max_overhead, (int, float)) or not self.max_overhead > 0:
+        if self.max_overhead is not None and not (
+            isinstance(self.max_overhead, (int, float)) and self.max_overhead > 0
+        ):
             problems.append(
                 f"max_overhead must be positive (inf: no cap), got {self.max_overhead!r}"
             )
@@ -143,8 +145,16 @@ class RunConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    @property
+    def overhead_cap(self) -> float | None:
+        """The probe's overhead cap; None for none (``max_overhead`` None or inf)."""
+        if self.max_overhead is None or math.isinf(self.max_overhead):
+            return None
+        return float(self.max_overhead)
+
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["max_overhead"] = self.overhead_cap  # JSON has no inf: null means no cap
         data["estimators"] = list(self.estimators)
         data["fd_points"] = list(self.fd_points)
         return data
@@ -297,7 +307,7 @@ def train(
         model_file.call_loss,
         run.probe_batches,
         schedule=probe_schedule(config),
-        max_overhead=None if math.isinf(config.max_overhead) else config.max_overhead,
+        max_overhead=config.overhead_cap,
         hvp_method=config.hvp_method,
         retain_graphs=config.retain_graphs,
         estimators=config.estimators,
