@@ -9,6 +9,7 @@ function; callers that must leave the global RNG untouched wrap calls in ``prese
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -160,30 +161,35 @@ class ProbeObjective:
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.parameters)]
         return float(loss.detach()), grads
 
-    def gradient(self, *, create_graph: bool = False) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def gradient(self, *, create_graph: bool = False) -> tuple[float, torch.Tensor, float]:
         """f(x), grad f(x) (flat) and the per-batch gradient spread sqrt(mean_b ||g_b - g||^2).
 
-        With ``create_graph`` the double-backward graph is kept for ``retained`` HVPs, when the
-        method and the memory allowance permit.
+        The spread is accumulated with Welford's update, so memory stays at two flat vectors
+        whatever the number of batches. With ``create_graph`` the double-backward graph is kept
+        for ``retained`` HVPs, when the method and the memory allowance permit.
         """
         keep = create_graph and self.retain_graphs and self.hvp_method in ("auto", "retained")
         total_loss = 0.0
         total: list[torch.Tensor] | None = None
-        flat_batch_grads = []
-        for index in range(len(self.batches)):
+        running_mean: torch.Tensor | None = None
+        squares = 0.0  # sum over batches of ||g_b - running mean||^2, Welford's M2
+        for count, index in enumerate(range(len(self.batches)), start=1):
             loss, grads = self._batch_gradient(index, create_graph=keep)
             total_loss += loss
-            flat_batch_grads.append(flatten([g.detach() for g in grads]))
             total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            flat = flatten([g.detach() for g in grads])
+            if running_mean is None:
+                running_mean = flat.clone()
+                continue
+            delta = flat - running_mean
+            running_mean += delta / count
+            squares += float(torch.dot(delta, flat - running_mean))
         count = len(self.batches)
         assert total is not None
         mean = [g / count for g in total]
         self._retained = mean if keep else None
         flat_mean = flatten([g.detach() for g in mean])
-        spread = torch.stack(
-            [torch.linalg.vector_norm(g - flat_mean) ** 2 for g in flat_batch_grads]
-        )
-        return total_loss / count, flat_mean, spread.mean().sqrt()
+        return total_loss / count, flat_mean, math.sqrt(max(squares, 0.0) / count)
 
     def available_hvp_methods(self) -> list[str]:
         """The HVP methods this objective can try now, fastest first where each works."""

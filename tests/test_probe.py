@@ -293,3 +293,17 @@ def test_overhead_cap_skips_due_probes_but_not_the_first():
             optimizer.step()
     assert [r.step for r in probe.records] == [0]
     assert probe.skipped == 4
+
+
+def test_gradient_spread_over_batches():
+    """sqrt(mean_b ||g_b - g||^2), against per-batch gradients taken one at a time."""
+    _, model, loss_fn, batches = small_models()[0]
+    batches = batches + [(b[0] * 2, b[1]) for b in batches]
+    singles = [
+        ProbeObjective(model, loss_fn, [b], seed=i).gradient()[1] for i, b in enumerate(batches)
+    ]
+    mean = torch.stack(singles).mean(0)
+    expected = float(torch.stack([(g - mean).norm() ** 2 for g in singles]).mean().sqrt())
+    _, gradient, spread = ProbeObjective(model, loss_fn, batches).gradient()
+    torch.testing.assert_close(gradient, mean, rtol=1e-12, atol=1e-14)
+    assert spread == pytest.approx(expected, rel=1e-10)
