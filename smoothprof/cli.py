@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -316,54 +317,41 @@ def run(
         raise typer.BadParameter(str(error)) from None
     output = output if output is not None else Path(model_file.stem + ".h5")
     err = _error_console()
-    with _user_errors(debug):
-        if output.exists() and not force:
-            raise TrajectoryError(f"{output}: already exists; choose another -o or pass --force")
-        spec = load_model_file(model_file)
-        try:
-            config = RunConfig.from_options(spec.defaults, overrides)
-        except ConfigError as error:
-            raise ModelFileError(f"{spec.path}: defaults: {error}") from None
-        if no_clip:
-            config = dataclasses.replace(config, clip=None)
-        prepared = prepare_run(spec, config)
-        attributes = {
-            "smoothprof_version": __version__,
-            "torch_version": _torch_version(),
-            "device": str(prepared.device),
-            "model_file": str(spec.path),
-            "model_sha256": spec.sha256,
-            "config": config.as_json(),
-        }
-        num_params = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
-        err.print(
-            f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
-            f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
-            + (f", clip {config.clip:g}" if config.clip else "")
-            + f", {_schedule_text(config)} on {len(prepared.probe_batches)} batch(es), "
-            f"device {prepared.device}",
-            markup=False,
-        )
-        with TrajectoryWriter(output, attributes=attributes, overwrite=force) as writer:
+    try:
+        with _user_errors(debug):
+            _check_output(output, force)
+            spec = load_model_file(model_file)
             try:
-                with _progress(err, config.steps) as report:
-                    result = train(
-                        prepared,
-                        on_probe=writer.append_probe,
-                        on_train_row=writer.append_train,
-                        on_step=report,
-                    )
-            except KeyboardInterrupt:
-                writer.set_attribute("interrupted", True)
-                writer.close()
-                err.print(f"interrupted: the rows measured so far are in {output}", markup=False)
-                raise typer.Exit(EXIT_INTERRUPTED) from None
-            if result.hvp_method != "auto":
-                writer.set_attribute("hvp_method", result.hvp_method)
-            if result.diverged:
-                writer.set_attribute("diverged_at_step", result.diverged_at)
-        if save_model is not None:
-            save_state_dict(prepared.model, save_model)
+                config = RunConfig.from_options(spec.defaults, overrides)
+            except ConfigError as error:
+                raise ModelFileError(f"{spec.path}: defaults: {error}") from None
+            if no_clip:
+                config = dataclasses.replace(config, clip=None)
+            prepared = prepare_run(spec, config)
+            attributes = {
+                "smoothprof_version": __version__,
+                "torch_version": _torch_version(),
+                "device": str(prepared.device),
+                "model_file": str(spec.path),
+                "model_sha256": spec.sha256,
+                "config": config.as_json(),
+            }
+            num_params = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+            err.print(
+                f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
+                f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
+                + (f", clip {config.clip:g}" if config.clip else "")
+                + f", {_schedule_text(config)} on {len(prepared.probe_batches)} batch(es), "
+                f"device {prepared.device}",
+                markup=False,
+            )
+            with TrajectoryWriter(output, attributes=attributes, overwrite=force) as writer:
+                result = _train_into(writer, prepared, err, debug)
+            if save_model is not None:
+                save_state_dict(prepared.model, save_model)
+    except KeyboardInterrupt:
+        err.print("interrupted before training started; nothing was written", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     console = _stdout_console(_output_width(None))
     converged = sum(r.hessian_converged for r in result.probes)
     console.print(
@@ -396,6 +384,73 @@ def _schedule_text(config: RunConfig) -> str:
     if config.probe_schedule == "log":
         return f"probes log-spaced ({config.probes_per_decade:g} per decade)"
     return f"probe every {config.probe_every}"
+
+
+def _check_output(output: Path, force: bool) -> None:
+    """Refuse an output path that cannot work before any work starts."""
+    if output.is_dir():
+        raise TrajectoryError(f"{output}: is a directory; -o takes a file name")
+    if output.exists() and not force:
+        raise TrajectoryError(f"{output}: already exists; choose another -o or pass --force")
+    if not output.parent.is_dir():
+        raise TrajectoryError(f"{output}: no such directory {output.parent}")
+
+
+def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bool) -> Any:
+    """Train while writing rows; on Ctrl-C or an error, close the file and say where it is."""
+    steps_done = 0
+    try:
+        with _progress(err, prepared.config.steps) as report:
+
+            def on_step(step: StepReport) -> None:
+                nonlocal steps_done
+                steps_done = step.step + 1
+                report(step)
+
+            result = train(
+                prepared,
+                on_probe=writer.append_probe,
+                on_train_row=writer.append_train,
+                on_step=on_step,
+            )
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the close
+        writer.set_attribute("interrupted", True)
+        writer.close()
+        err.print(
+            f"interrupted at step {steps_done}: the file is closed; its {writer.num_probe_rows} "
+            f"probe rows and {writer.num_train_rows} training rows are in {writer.path}",
+            markup=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as error:
+        where = (
+            f"the run stopped at step {steps_done}; the {writer.num_probe_rows} probe rows "
+            f"measured before are in {writer.path}"
+        )
+        message = str(error) if isinstance(error, USER_ERRORS) else _one_line_error(error)
+        writer.set_attribute("error", message)
+        try:
+            writer.close()
+        except TrajectoryError as close_error:
+            where += f" (closing it failed: {close_error})"
+        if debug:
+            raise
+        if isinstance(error, USER_ERRORS):
+            raise type(error)(f"{message}; {where}") from error
+        raise ModelFileError(
+            f"{prepared.model_file.path}: {message}; {where} (--debug shows the traceback)"
+        ) from error
+    if result.hvp_method != "auto":
+        writer.set_attribute("hvp_method", result.hvp_method)
+    if result.diverged:
+        writer.set_attribute("diverged_at_step", result.diverged_at)
+    return result
+
+
+def _one_line_error(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _torch_version() -> str:

@@ -13,7 +13,7 @@ import importlib.util
 import itertools
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -76,6 +76,26 @@ class ModelFile:
         except Exception as error:
             name = "the default loss" if not self.has_own_loss else "loss(model, batch)"
             raise self.error(f"{name} raised {_one_line(error)}") from error
+
+    def backward(self, loss: Any) -> None:
+        """``loss.backward()`` on what ``loss(model, batch)`` returned during training.
+
+        The first loss is checked before the run by ``check_loss``; this catches a later one that
+        is no longer a differentiable scalar, and errors raised inside the backward pass."""
+        name = "the default loss" if not self.has_own_loss else "loss(model, batch)"
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise self.error(f"{name} returned {_describe(loss)}, not a scalar tensor")
+        try:
+            loss.backward()
+        except Exception as error:
+            raise self.error(f"the backward pass of {name} raised {_one_line(error)}") from error
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Iterate ``loader`` (what ``dataloader()`` returned), turning its errors into ours."""
+        try:
+            yield from loader
+        except Exception as error:
+            raise self.error(f"iterating dataloader() raised {_one_line(error)}") from error
 
 
 def _one_line(error: BaseException) -> str:

@@ -225,7 +225,7 @@ def _cycle(model_file: ModelFile, loader: Any) -> Iterator[Any]:
     """Batches forever: the dataloader is iterated again as often as needed."""
     while True:
         count = 0
-        for batch in loader:
+        for batch in model_file.batches(loader):
             count += 1
             yield batch
         if count == 0:
@@ -327,7 +327,7 @@ def train(
             probe.before_step(step)
         run.optimizer.zero_grad(set_to_none=True)
         loss_tensor = model_file.call_loss(model, batch)
-        loss_tensor.backward()
+        model_file.backward(loss_tensor)
         loss = float(loss_tensor.detach())
         norm = gradient_norm(parameters, config.clip)
         finite = math.isfinite(loss) and math.isfinite(norm)
