@@ -35,9 +35,12 @@ from rich.progress import (
 from rich.text import Text
 
 from . import __version__
+from .compare import CompareError, compare_runs, comparison_as_json
 from .display import (
     ESTIMATOR_COLUMNS,
     ESTIMATOR_LABELS,
+    compare_plot,
+    compare_table,
     envelope_plot,
     fit_summary,
     format_number,
@@ -77,7 +80,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (ModelFileError, TrajectoryError, FitError, ConfigError)
+USER_ERRORS = (ModelFileError, TrajectoryError, FitError, ConfigError, CompareError)
 
 
 def _version_callback(value: bool) -> None:
@@ -727,3 +730,64 @@ def plot(
     color = _use_color() and not ascii_only
     figure = series_plot(trajectory, width=out_width, color=color, ascii_only=ascii_only)
     _emit(out_width, ascii_only, Text.from_ansi(figure) if color else Text(figure))
+
+
+@app.command()
+def compare(
+    trajectory_files: Annotated[
+        list[Path],
+        typer.Argument(help="Trajectory files written by smoothprof run, one per run."),
+    ],
+    target: Annotated[
+        float | None,
+        typer.Option(
+            help="Loss to reach [default: the worst final smoothed loss of the runs, plus 10%]."
+        ),
+    ] = None,
+    window: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Steps of the trailing mean that smooths the minibatch loss "
+            "[default: a fiftieth of the longest run].",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of the table and plot.")
+    ] = False,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw the loss curves.")] = True,
+    width: WidthOption = None,
+    ascii_only: AsciiOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Compare runs: their loss curves in one plot, and per run its lr, clip, optimizer, final
+    loss and the step at which its smoothed loss first reached a target."""
+    if target is not None and not math.isfinite(target):
+        raise typer.BadParameter(f"--target must be a finite number, got {target}")
+    with _user_errors(debug):
+        trajectories = [read_trajectory(path) for path in trajectory_files]
+        comparison = compare_runs(
+            [str(path) for path in trajectory_files],
+            [t.train for t in trajectories],
+            [t.config for t in trajectories],
+            probe_losses=[(t.probes["step"], t.probes["loss"]) for t in trajectories],
+            diverged_at=[_diverged_at(t) for t in trajectories],
+            target=target,
+            window=window,
+        )
+    if as_json:
+        typer.echo(json.dumps(comparison_as_json(comparison), indent=2))
+        return
+    out_width = _output_width(width)
+    color = _use_color() and not ascii_only
+    parts: list[Any] = []
+    if plot:
+        figure = compare_plot(comparison, width=out_width, color=color, ascii_only=ascii_only)
+        parts.append(Text.from_ansi(figure) if color else Text(figure))
+    parts.append(compare_table(comparison, ascii_only=ascii_only))
+    _emit(out_width, ascii_only, *parts)
+
+
+def _diverged_at(trajectory: Trajectory) -> int | None:
+    value = trajectory.attributes.get("diverged_at_step")
+    return int(value) if isinstance(value, (int, np.integer)) else None

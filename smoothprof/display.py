@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .compare import FINAL_SHARE, Comparison, short_labels
 from .fit import EnvelopeFit
 from .recommend import Recommendation, Recommendations, pytorch_snippet
 from .trajectory import Trajectory
@@ -459,3 +460,115 @@ def probe_line(record) -> str:
         mark = "" if record.hessian_converged else "?"
         parts.append(f"|H| {format_number(record.hessian_norm, 3)}{mark}")
     return " ".join(parts)
+
+
+# `smoothprof compare`: one marker per run (its number in the table), so curves stay apart
+# without colour.
+_RUN_COLORS = ("blue+", "red+", "green+", "orange+", "magenta+", "cyan+", "yellow+", "gray+")
+
+
+def run_marker(index: int) -> str:
+    """The plot marker of the run at ``index``: its number in the table, 1 to 9, then letters.
+
+    >>> [run_marker(i) for i in (0, 8, 9)]
+    ['1', '9', 'a']
+    """
+    symbols = "123456789abcdefghijklmnopqrstuvwxyz"
+    return symbols[index % len(symbols)]
+
+
+def compare_plot(
+    comparison: Comparison,
+    *,
+    width: int = 100,
+    height: int = 22,
+    color: bool = False,
+    ascii_only: bool = False,
+) -> str:
+    """The smoothed training loss of every run over the steps, and the target as a line."""
+    _start_figure(width, height, color)
+    drawn = [
+        (index, steps[np.isfinite(values)], values[np.isfinite(values)])
+        for index, (steps, values) in enumerate(comparison.curves)
+    ]
+    drawn = [(index, steps, values) for index, steps, values in drawn if len(values)]
+    everything = [values for *_, values in drawn]
+    if comparison.target is not None:
+        everything.append(np.array([comparison.target]))
+    log_scale, limits = (False, None)
+    if everything:
+        log_scale, limits = _y_axis(np.concatenate(everything))
+    if log_scale:
+        plt.yscale("log")
+    elif limits is not None:
+        plt.ylim(*limits)
+    labels = short_labels([run.label for run in comparison.runs])
+    for index, steps, values in drawn:
+        if log_scale:
+            steps, values = steps[values > 0], values[values > 0]
+        steps, values = _thin(steps, values, width * 2)
+        plt.plot(
+            steps.tolist(),
+            values.tolist(),
+            marker=run_marker(index),
+            label=f"{run_marker(index)} {labels[index]}",
+            color=_RUN_COLORS[index % len(_RUN_COLORS)] if color else None,
+        )
+    if comparison.target is not None and drawn:
+        first = min(int(steps[0]) for _, steps, _ in drawn)
+        last = max(int(steps[-1]) for _, steps, _ in drawn)
+        plt.plot(
+            [first, last],
+            [comparison.target, comparison.target],
+            marker="-",
+            label=f"target {comparison.target:.4g}",
+            color="gray" if color else None,
+        )
+    plt.title(f"training loss, trailing mean over {comparison.window} step(s)")
+    plt.xlabel("step")
+    return _finish(plt.build(), color=color, ascii_only=ascii_only)
+
+
+def compare_table(comparison: Comparison, *, ascii_only: bool = False) -> Table:
+    """Per run: optimizer, lr, clip, final loss and the step at which it reached the target."""
+    table = _table("Runs compared", ascii_only)
+    for name, justify in (
+        ("#", "right"),
+        ("file", "left"),
+        ("optimizer", "left"),
+        ("lr", "right"),
+        ("clip", "right"),
+        ("steps", "right"),
+        ("final loss", "right"),
+        ("steps to target", "right"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")
+    labels = short_labels([run.label for run in comparison.runs])
+    for index, run in enumerate(comparison.runs):
+        if run.steps_to_target is not None:
+            reached = str(run.steps_to_target)
+        elif comparison.target is None:
+            reached = "-"
+        else:
+            reached = "not reached"
+        if run.diverged_at_step is not None:
+            reached += f" (diverged at {run.diverged_at_step})"
+        cells = (
+            run_marker(index),
+            labels[index],
+            run.optimizer or "-",
+            format_number(run.lr),
+            "none" if run.clip is None else format_number(run.clip),
+            str(run.num_steps),
+            format_number(run.final_loss),
+            reached,
+        )
+        table.add_row(*(_text(cell, ascii_only) for cell in cells))
+    target = "none" if comparison.target is None else format_number(comparison.target)
+    table.caption = _text(
+        f"final loss: mean minibatch loss over the last {FINAL_SHARE:.0%} of the steps; "
+        f"steps to target: the first step at which the mean minibatch loss over the trailing "
+        f"{comparison.window} step(s) is <= {target} ({comparison.target_rule})",
+        ascii_only,
+    )
+    return table

@@ -1,0 +1,247 @@
+"""Several training runs side by side: final loss and steps to reach a target loss.
+
+Pure functions on numpy arrays and plain dataclasses (``smoothprof compare`` displays them). The
+minibatch loss is noisy, so every test against the target runs on a trailing mean of it: a run
+reaches the target at the first step where the mean of its last ``window`` minibatch losses is at
+or below the target. Without a target given, the target is the largest final smoothed loss of the
+runs that made progress (whose smoothed loss ended below their first loss), raised by a tenth of
+its magnitude (``TARGET_MARGIN``): a level every such run reaches by its end, so the table says
+which got there first. A run that diverged or got worse does not set the bar; it is "not
+reached" unless it passed the target on the way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+
+TARGET_MARGIN = 0.1  # the default target: the worst final smoothed loss plus 10% of its size
+FINAL_SHARE = 0.05  # the final loss is the mean over the last 5% of the training rows
+SMOOTHING_SHARE = 0.02  # the default trailing window: a fiftieth of the longest run
+
+
+class CompareError(ValueError):
+    """The runs cannot be compared (no training rows, a bad target or window)."""
+
+
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of the last ``window`` values at each index (fewer at the start).
+
+    A non-finite value makes every mean whose window holds it non-finite.
+
+    >>> trailing_mean(np.array([4.0, 2.0, 0.0, 2.0]), 2).tolist()
+    [4.0, 3.0, 1.0, 1.0]
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if window < 1:
+        raise CompareError(f"the smoothing window must be >= 1 step, got {window}")
+    if values.size == 0:
+        return values.copy()
+    # Cumulative sums would carry a nan or inf into every later mean; sum each window instead.
+    ends = np.arange(1, values.size + 1)
+    starts = np.maximum(ends - window, 0)
+    finite = np.where(np.isfinite(values), values, 0.0)
+    totals = np.concatenate(([0.0], np.cumsum(finite)))
+    bad = np.concatenate(([0], np.cumsum(~np.isfinite(values))))
+    means = (totals[ends] - totals[starts]) / (ends - starts)
+    return np.where(bad[ends] - bad[starts] > 0, np.nan, means)
+
+
+def first_step_at_or_below(steps: np.ndarray, values: np.ndarray, target: float) -> int | None:
+    """The first step whose value is at or below ``target``; None when none is.
+
+    >>> first_step_at_or_below(np.array([0, 10, 20]), np.array([3.0, 1.0, 0.5]), 1.0)
+    10
+    >>> first_step_at_or_below(np.array([0, 10]), np.array([3.0, 2.0]), 1.0) is None
+    True
+    """
+    with np.errstate(invalid="ignore"):
+        hits = np.flatnonzero(np.asarray(values, dtype=np.float64) <= target)
+    return int(np.asarray(steps)[hits[0]]) if hits.size else None
+
+
+def default_window(num_rows: Sequence[int]) -> int:
+    """The trailing window for runs of these lengths: a fiftieth of the longest, at least 1.
+
+    >>> default_window([300, 1000])
+    20
+    """
+    return max(1, int(max(num_rows, default=0) * SMOOTHING_SHARE))
+
+
+def short_labels(files: Sequence[str]) -> list[str]:
+    """File names without their folders, unless two runs share a name.
+
+    >>> short_labels(["a/run.h5", "b/other.h5"])
+    ['run.h5', 'other.h5']
+    >>> short_labels(["a/run.h5", "b/run.h5"])
+    ['a/run.h5', 'b/run.h5']
+    """
+    names = [PurePath(f).name for f in files]
+    return names if len(set(names)) == len(names) else list(files)
+
+
+def default_target(
+    final_smoothed: Sequence[float], initial: Sequence[float] | None = None
+) -> float | None:
+    """The largest final smoothed loss of the runs that made progress, plus ``TARGET_MARGIN``
+    of its magnitude; None when no run has a finite final loss.
+
+    A run made progress when its final smoothed loss is below its ``initial`` loss (without
+    them, every finite run counts); when none did, every finite run counts.
+
+    >>> round(default_target([2.0, 1.5, float("nan")]), 6)
+    2.2
+    >>> round(default_target([1.5, 19.0], initial=[4.6, 4.6]), 6)
+    1.65
+    """
+    initial = initial if initial is not None else [math.inf] * len(final_smoothed)
+    finite = [v for v in final_smoothed if math.isfinite(v)]
+    improved = [v for v, start in zip(final_smoothed, initial) if math.isfinite(v) and v < start]
+    candidates = improved or finite
+    if not candidates:
+        return None
+    worst = max(candidates)
+    return worst + TARGET_MARGIN * abs(worst)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run of a comparison."""
+
+    label: str
+    optimizer: str | None
+    lr: float | None
+    clip: float | None  # None: no clipping
+    num_steps: int  # training rows in the file
+    final_loss: float  # mean of the last FINAL_SHARE of the minibatch losses
+    final_smoothed_loss: float  # the trailing mean at the last step
+    last_probe_loss: float | None  # the probe objective at the last probe, when probed
+    last_probe_step: int | None  # the step of that probe (runs probed at different steps)
+    steps_to_target: int | None  # first step where the trailing mean is <= target; None: never
+    diverged_at_step: int | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    runs: tuple[RunSummary, ...]
+    target: float | None
+    target_rule: str  # how the target was chosen, in words
+    window: int  # the trailing-mean window, in steps
+    # The curves to draw: per run, (steps, trailing mean of the minibatch loss).
+    curves: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+
+def _number(config: Mapping[str, Any], key: str) -> float | None:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def compare_runs(
+    labels: Sequence[str],
+    train_columns: Sequence[Mapping[str, np.ndarray]],
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    probe_losses: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    diverged_at: Sequence[int | None] | None = None,
+    target: float | None = None,
+    window: int | None = None,
+) -> Comparison:
+    """Summarise runs given their ``train`` columns (``step``, ``loss``) and run configs.
+
+    ``probe_losses`` are per run the probe rows' (steps, losses). ``target`` None picks the
+    default target (see the module docstring); ``window`` None picks ``default_window``.
+    """
+    if target is not None and not math.isfinite(target):
+        raise CompareError(f"the target loss must be a finite number, got {target}")
+    rows = []
+    for label, train in zip(labels, train_columns):
+        steps = np.asarray(train.get("step", []), dtype=np.int64)
+        losses = np.asarray(train.get("loss", []), dtype=np.float64)
+        if steps.size == 0 or losses.size != steps.size:
+            raise CompareError(f"{label}: holds no training rows (train/step, train/loss)")
+        rows.append((steps, losses))
+    if window is None:
+        window = default_window([len(steps) for steps, _ in rows])
+    curves = tuple((steps, trailing_mean(losses, window)) for steps, losses in rows)
+    final_smoothed = [float(smoothed[-1]) for _, smoothed in curves]
+    if target is None:
+        # Progress is judged against the loss at the initial parameters, the first row.
+        target = default_target(final_smoothed, [float(losses[0]) for _, losses in rows])
+        rule = (
+            f"the largest final smoothed loss of the runs that made progress, plus "
+            f"{TARGET_MARGIN:.0%} of it"
+            if target is not None
+            else "none: no run has a finite final loss"
+        )
+    else:
+        rule = "given (--target)"
+    runs = []
+    for index, (label, (steps, losses), (_, smoothed), config) in enumerate(
+        zip(labels, rows, curves, configs)
+    ):
+        tail = losses[-max(1, math.ceil(len(losses) * FINAL_SHARE)) :]
+        probe_loss = probe_step = None
+        if probe_losses is not None and len(probe_losses[index][0]):
+            probe_steps, values = probe_losses[index]
+            last = float(np.asarray(values, dtype=np.float64)[-1])
+            probe_loss = last if math.isfinite(last) else None
+            probe_step = int(np.asarray(probe_steps)[-1])
+        clip = _number(config, "clip")
+        optimizer = config.get("optimizer")
+        runs.append(
+            RunSummary(
+                label=label,
+                optimizer=optimizer if isinstance(optimizer, str) else None,
+                lr=_number(config, "lr"),
+                clip=clip if clip is not None and clip > 0 else None,
+                num_steps=len(steps),
+                final_loss=float(np.mean(tail)),
+                final_smoothed_loss=final_smoothed[index],
+                last_probe_loss=probe_loss,
+                last_probe_step=probe_step,
+                steps_to_target=(
+                    None if target is None else first_step_at_or_below(steps, smoothed, target)
+                ),
+                diverged_at_step=None if diverged_at is None else diverged_at[index],
+            )
+        )
+    return Comparison(
+        runs=tuple(runs), target=target, target_rule=rule, window=window, curves=curves
+    )
+
+
+def comparison_as_json(comparison: Comparison) -> dict[str, Any]:
+    """The JSON document of ``smoothprof compare --json`` (non-finite numbers become None)."""
+
+    def finite(value: Any) -> Any:
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+
+    return {
+        "target": finite(comparison.target),
+        "target_rule": comparison.target_rule,
+        "smoothing_window": comparison.window,
+        "runs": [
+            {
+                "file": run.label,
+                "optimizer": run.optimizer,
+                "lr": finite(run.lr),
+                "clip": finite(run.clip),
+                "steps": run.num_steps,
+                "final_loss": finite(run.final_loss),
+                "final_smoothed_loss": finite(run.final_smoothed_loss),
+                "last_probe_loss": finite(run.last_probe_loss),
+                "last_probe_step": run.last_probe_step,
+                "steps_to_target": run.steps_to_target,
+                "diverged_at_step": run.diverged_at_step,
+            }
+            for run in comparison.runs
+        ],
+    }
