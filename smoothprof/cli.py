@@ -53,6 +53,7 @@ from .display import (
 from .fit import MIN_POINTS, EnvelopeFit, FitError, fit_envelope
 from .loading import ModelFileError, load_model_file
 from .recommend import Recommendations, recommend
+from .report import ReportError, require_matplotlib, write_report
 from .train import (
     ESTIMATORS,
     OPTIMIZERS,
@@ -80,7 +81,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (ModelFileError, TrajectoryError, FitError, ConfigError, CompareError)
+USER_ERRORS = (ModelFileError, TrajectoryError, FitError, ConfigError, CompareError, ReportError)
 
 
 def _version_callback(value: bool) -> None:
@@ -791,3 +792,58 @@ def compare(
 def _diverged_at(trajectory: Trajectory) -> int | None:
     value = trajectory.attributes.get("diverged_at_step")
     return int(value) if isinstance(value, (int, np.integer)) else None
+
+
+@app.command()
+def report(
+    trajectory_file: Annotated[
+        Path, typer.Argument(help="Trajectory file written by smoothprof run.")
+    ],
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            "-o",
+            help="Directory for the report (created; its earlier report files are replaced) "
+            "[default: TRAJECTORY_FILE stem + _report].",
+        ),
+    ] = None,
+    quantile: Annotated[
+        float, typer.Option(min=0.5, max=0.999, help="Quantile of the envelope fit.")
+    ] = 0.95,
+    estimator: Annotated[
+        str | None,
+        typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present]."),
+    ] = None,
+    skip_steps: Annotated[
+        int, typer.Option(min=0, help="Drop probes before this step (transient).")
+    ] = 0,
+    bootstrap: Annotated[
+        int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals (0: none).")
+    ] = 200,
+    debug: DebugOption = False,
+) -> None:
+    """Write the paper's Figure 1 (gradient norm against smoothness, coloured by step, with the
+    fitted envelope) and the series over the steps as PNG, and one self-contained HTML page
+    with both, the fit and the recommendations. Needs matplotlib (smoothprof[science])."""
+    with _user_errors(debug):
+        require_matplotlib()
+        trajectory = read_trajectory(trajectory_file)
+        chosen = _choose_estimator([trajectory], estimator)
+        grad_norm, smoothness, _ = _fit_points([trajectory], ESTIMATOR_COLUMNS[chosen], skip_steps)
+        envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
+        grad_noise, num_steps = _noise_level([trajectory]), _num_steps([trajectory])
+        recs = recommend(envelope, grad_noise=grad_noise, num_steps=num_steps)
+        directory = output_dir if output_dir is not None else Path(trajectory_file.stem + "_report")
+        files = write_report(
+            trajectory,
+            envelope,
+            recs,
+            directory,
+            estimator=chosen,
+            grad_noise=grad_noise,
+            skip_steps=skip_steps,
+        )
+    console = _stdout_console(_output_width(None))
+    for path in (files.html, files.smoothness_png, files.series_png):
+        console.print(f"wrote {path}", markup=False)

@@ -23,7 +23,7 @@ def invoke(*args, env=None):
 
 def test_every_command_has_help_and_a_readme_mention():
     readme = (REPO / "README.md").read_text()
-    assert COMMANDS == ["compare", "fit", "plot", "run"]
+    assert COMMANDS == ["compare", "fit", "plot", "report", "run"]
     top = invoke("--help")
     assert top.exit_code == 0
     for command in COMMANDS:
