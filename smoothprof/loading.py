@@ -44,9 +44,11 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
     if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)} items"
-    return f"a {type(value).__name__}"
+        return f"{article} {name} of {len(value)} items"
+    return f"{article} {name}"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_third_party_file_uses_every_optional_name():
         ("broken_import_raises.py", "RuntimeError: dataset not found while being imported"),
         ("broken_no_model.py", "defines no model()"),
         ("broken_no_dataloader.py", "defines no dataloader()"),
-        ("broken_model_not_callable.py", "model is a int, not a function"),
+        ("broken_model_not_callable.py", "model is an int, not a function"),
     ],
 )
 def test_broken_files_fail_at_load(name, expected):
@@ -118,3 +118,39 @@ def test_model_file_can_import_its_neighbours(tmp_path):
     )
     spec = load_model_file(tmp_path / "uses_helper.py")
     assert isinstance(instantiate_model(spec), torch.nn.Linear)
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("custom kernel has no backward on this device")
+
+
+def test_backward_and_batches_turn_user_errors_into_one_line():
+    spec = load_model_file(ASSETS / "good_minimal.py")
+    model = instantiate_model(spec)
+    x = torch.ones(2, 4)
+    with pytest.raises(ModelFileError, match="the default loss returned a float, not a scalar"):
+        spec.backward(0.5)
+    with pytest.raises(ModelFileError, match="returned a tensor of shape"):
+        spec.backward(model(x))
+    with pytest.raises(ModelFileError) as raised:
+        spec.backward(_FailingBackward.apply(model(x)).sum())
+    assert "the backward pass of the default loss raised RuntimeError: custom kernel" in str(
+        raised.value
+    )
+    spec.backward(model(x).sum())  # a good loss: gradients arrive
+    assert model.weight.grad is not None
+
+    def flaky():
+        yield torch.ones(1)
+        raise KeyError("shard 7")
+
+    batches = spec.batches(flaky())
+    assert next(batches).shape == (1,)
+    with pytest.raises(ModelFileError, match=r"dataloader\(\) raised KeyError: 'shard 7'"):
+        next(batches)

@@ -291,6 +291,46 @@ def test_debug_prints_the_traceback(tmp_path):
     assert read_trajectory(out).train["step"].tolist() == list(range(9))
 
 
+# --- model files: every broken asset through `smoothprof run` -----------------------------
+
+BROKEN_MODEL_FILES = {  # asset -> (the line says, the run got far enough to write rows)
+    "broken_bad_batch.py": ("the default loss raised TypeError: the default loss needs", False),
+    "broken_dataloader_raises_midway.py": (r"iterating dataloader\(\) raised OSError", True),
+    "broken_defaults_bad_key.py": ("defaults: unknown option.* learning_rate", False),
+    "broken_empty_dataloader.py": (r"dataloader\(\) yields no batches", False),
+    "broken_import_raises.py": (r"raised RuntimeError: dataset not found while being imported "
+                                r"\(line \d+\)", False),
+    "broken_loss_no_grad.py": ("returned a tensor without a gradient", False),
+    "broken_loss_nonscalar.py": ("returned a tensor of shape \\(8,\\); it must be a scalar", False),
+    "broken_loss_not_tensor.py": ("returned a float, not a scalar tensor", False),
+    "broken_loss_raises_later.py": ("raised ValueError: sample 9 has no label", True),
+    "broken_model_not_callable.py": ("model is an int, not a function", False),
+    "broken_model_returns_tensor.py": ("returned a tensor of shape .*, not a torch.nn", False),
+    "broken_no_dataloader.py": (r"defines no dataloader\(\)", False),
+    "broken_no_model.py": (r"defines no model\(\)", False),
+    "broken_no_trainable_params.py": ("no parameters with requires_grad=True", False),
+    "broken_syntax.py": (r"line \d+: syntax error", False),
+    "not_python.txt": ("not a Python file", False),
+    "missing.py": ("no such file", False),
+    ".": ("is a directory", False),
+}  # fmt: skip
+
+
+def test_every_broken_asset_has_an_expected_line():
+    assets = {p.name for p in ASSETS.glob("broken_*")} | {"not_python.txt"}
+    assert assets == set(BROKEN_MODEL_FILES) - {"missing.py", "."}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_MODEL_FILES))
+def test_broken_model_files_through_run(tmp_path, name):
+    expected, writes_rows = BROKEN_MODEL_FILES[name]
+    out = tmp_path / "x.h5"
+    result = invoke("run", ASSETS / name, "-o", out, "--steps", "12", "--probe-every", "2")
+    shown = str((ASSETS / name).resolve()) if name != "." else str(ASSETS.resolve())
+    assert_one_line_error(result, f"^error: {re.escape(shown)}: (.* )?{expected}")
+    assert out.exists() == writes_rows
+
+
 # --- options: usage errors before any work -----------------------------------------------
 
 
