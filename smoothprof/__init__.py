@@ -15,7 +15,13 @@ from .fit import EnvelopeFit, FitError, fit_envelope
 from .loading import ModelFile, ModelFileError, default_loss, load_model_file
 from .probe import HessianNorm, Probe, ProbeRecord, every_k_steps, hessian_norm
 from .recommend import Recommendation, Recommendations, pytorch_snippet, recommend
-from .trajectory import Trajectory, TrajectoryError, TrajectoryWriter, read_trajectory
+from .trajectory import (
+    Trajectory,
+    TrajectoryError,
+    TrajectoryWriter,
+    read_trajectory,
+    repair_trajectory,
+)
 
 try:
     __version__ = version("smoothprof")
@@ -48,4 +54,5 @@ __all__ = [
     "pytorch_snippet",
     "read_trajectory",
     "recommend",
+    "repair_trajectory",
 ]
