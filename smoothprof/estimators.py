@@ -81,9 +81,14 @@ def lanczos_top_eigenpair(
         alpha = float(torch.dot(q, w))
         alphas.append(alpha)
         active = basis[: k + 1]
-        for _ in range(2):
-            w = w - active.T @ (active @ w)
+        # Full reorthogonalization, repeated only when it cancelled most of w (Kahan-Parlett:
+        # "twice is enough"); each pass reads the whole basis once more.
+        norm_before = torch.linalg.vector_norm(w)
+        w = w - active.T @ (active @ w)
         beta = float(torch.linalg.vector_norm(w))
+        if beta < 0.7 * float(norm_before):
+            w = w - active.T @ (active @ w)
+            beta = float(torch.linalg.vector_norm(w))
         thetas, vectors = _tridiagonal_eigh(alphas, betas)
         index = int(np.argmax(np.abs(thetas)))
         theta, ritz_vector = float(thetas[index]), vectors[:, index]
@@ -116,12 +121,15 @@ def lanczos_top_eigenpair(
 
 
 def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
+    """Eigenpairs of the Lanczos tridiagonal matrix, in float64, by torch on the CPU: numpy's
+    threaded LAPACK would compete with torch's threads for the cores between HVPs."""
     size = len(alphas)
-    tridiagonal = np.diag(np.asarray(alphas, dtype=np.float64))
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if size > 1:
-        off = np.asarray(betas[: size - 1], dtype=np.float64)
-        tridiagonal += np.diag(off, 1) + np.diag(off, -1)
-    return np.linalg.eigh(tridiagonal)
+        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    return values.numpy(), vectors.numpy()
 
 
 def power_iteration_top_eigenpair(
