@@ -285,7 +285,7 @@ def main() -> None:
         ["model", "parameters", "gradient ms", *HVP_METHODS], hvp_costs(args.quick), args.markdown,
     ))  # fmt: skip
     rows, have_pyhessian = eigen_accuracy(args.quick)
-    header = ["model", "|lambda| ref.", "Lanczos HVPs", "s", "rel. error",
+    header = ["model", "abs(lambda) ref.", "Lanczos HVPs", "s", "rel. error",
               "power-it. HVPs", "s", "rel. error"]  # fmt: skip
     if have_pyhessian:
         header += ["PyHessian s", "rel. error", "Lanczos s / PyHessian s"]
