@@ -190,6 +190,8 @@ def _open_unit_interval(value, name: str) -> float:
 
 def _as_float_array(values, what: str) -> np.ndarray:
     """values as a 1-D float64 array, or FitError."""
+    if np.iscomplexobj(values):
+        raise FitError(f"{what} are complex numbers; smoothness data are real")
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as error:

@@ -252,3 +252,8 @@ def test_fit_never_raises_anything_but_fit_error(arrays, quantile):
     assert fit.num_points + fit.num_dropped == g.size
     for r in (fit.spearman_log, fit.pearson_log):
         assert math.isnan(r) or -1.0 <= r <= 1.0
+
+
+def test_complex_input_is_refused_not_truncated():
+    with pytest.raises(FitError, match="complex"):
+        fit_envelope(np.array([1 + 1j, 2, 3]), np.array([1.0, 2.0, 3.0]))
