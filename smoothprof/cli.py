@@ -171,6 +171,20 @@ WidthOption = Annotated[
     int | None,
     typer.Option("--width", min=40, help="Output width in columns (default: $COLUMNS, else 100)."),
 ]
+# The fit's options, shared by the commands that fit (fit, report).
+QuantileOption = Annotated[
+    float, typer.Option(min=0.5, max=0.999, help="Quantile of the envelope fit.")
+]
+EstimatorOption = Annotated[
+    str | None,
+    typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present]."),
+]
+SkipStepsOption = Annotated[
+    int, typer.Option(min=0, help="Drop probes before this step (transient).")
+]
+BootstrapOption = Annotated[
+    int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals (0: none).")
+]
 AsciiOption = Annotated[
     bool,
     typer.Option(
@@ -642,19 +656,10 @@ def fit(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of tables and plots.")
     ] = False,
-    quantile: Annotated[
-        float, typer.Option(min=0.5, max=0.999, help="Quantile of the envelope fit.")
-    ] = 0.95,
-    estimator: Annotated[
-        str | None,
-        typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present]."),
-    ] = None,
-    skip_steps: Annotated[
-        int, typer.Option(min=0, help="Drop probes before this step (transient).")
-    ] = 0,
-    bootstrap: Annotated[
-        int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals (0: none).")
-    ] = 200,
+    quantile: QuantileOption = 0.95,
+    estimator: EstimatorOption = None,
+    skip_steps: SkipStepsOption = 0,
+    bootstrap: BootstrapOption = 200,
     plot: Annotated[
         bool, typer.Option("--plot/--no-plot", help="Draw the log-log scatter.")
     ] = True,
@@ -808,19 +813,10 @@ def report(
             "[default: TRAJECTORY_FILE stem + _report].",
         ),
     ] = None,
-    quantile: Annotated[
-        float, typer.Option(min=0.5, max=0.999, help="Quantile of the envelope fit.")
-    ] = 0.95,
-    estimator: Annotated[
-        str | None,
-        typer.Option(help="Smoothness column to fit: hvp or fd [default: hvp when present]."),
-    ] = None,
-    skip_steps: Annotated[
-        int, typer.Option(min=0, help="Drop probes before this step (transient).")
-    ] = 0,
-    bootstrap: Annotated[
-        int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals (0: none).")
-    ] = 200,
+    quantile: QuantileOption = 0.95,
+    estimator: EstimatorOption = None,
+    skip_steps: SkipStepsOption = 0,
+    bootstrap: BootstrapOption = 200,
     debug: DebugOption = False,
 ) -> None:
     """Write the paper's Figure 1 (gradient norm against smoothness, coloured by step, with the
