@@ -376,8 +376,7 @@ class Probe:
             loss, gradient, spread = objective.gradient(create_graph=want_hvp or want_curvature)
             gradient_norm = torch.linalg.vector_norm(gradient)
             if (want_hvp or want_curvature) and self.hvp_method == "auto":
-                direction = gradient if gradient_norm > 0 else torch.ones_like(gradient)
-                self.hvp_method, self.hvp_timings = fastest_hvp_method(objective, direction)
+                self.hvp_method = self._choose_hvp_method(objective, gradient)
                 objective.hvp_method = self.hvp_method
             curvature = math.nan
             if want_curvature and gradient_norm > 0:
@@ -406,6 +405,21 @@ class Probe:
             else None,
             "seconds": time.perf_counter() - started,
         }
+
+    def _choose_hvp_method(self, objective: ProbeObjective, gradient: torch.Tensor) -> str:
+        """The retained graph when it works (the fastest on every model measured, see
+        benchmarks/probe_speed.py, and no timing makes the choice repeatable); otherwise the
+        fastest of the others, timed on this objective."""
+        direction = gradient if bool(torch.any(gradient != 0)) else torch.ones_like(gradient)
+        if "retained" in objective.available_hvp_methods():
+            try:
+                objective.hvp_with("retained", direction)
+            except Exception:  # a method that fails here is skipped, never fatal
+                pass
+            else:
+                return "retained"
+        method, self.hvp_timings = fastest_hvp_method(objective, direction)
+        return method
 
     def after_step(self, *, update_made: bool = True) -> ProbeRecord:
         """Finish the pending probe with the finite difference along the update just made."""
