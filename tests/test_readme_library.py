@@ -1,0 +1,32 @@
+"""The README's library example runs as written, on a small model and a short loop."""
+
+import re
+
+import torch
+from conftest import REPO
+from torch import nn
+
+
+def test_library_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use it as a library", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+    torch.manual_seed(0)
+    x = torch.randn(256, 5)
+    y = (x[:, 0] + x[:, 1] ** 2 > 0.5).long()
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+    namespace = {
+        "model": model,
+        "loss_fn": lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        "batches": batches[:2],
+        "probe_batches": batches[:2],
+        "loader": batches * 5,  # 40 steps: probes at 0, 10, 20, 30
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.5),
+    }
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["result"].converged
+    assert namespace["trajectory"].num_probes == 4
+    assert namespace["fit"].num_points == 4
+    assert "torch.optim.SGD" in capsys.readouterr().out
