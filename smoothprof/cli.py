@@ -64,7 +64,13 @@ from .train import (
     save_state_dict,
     train,
 )
-from .trajectory import Trajectory, TrajectoryError, TrajectoryWriter, read_trajectory
+from .trajectory import (
+    Trajectory,
+    TrajectoryError,
+    TrajectoryWriter,
+    read_trajectory,
+    repair_trajectory,
+)
 
 EXIT_USER_ERROR = 1
 EXIT_DIVERGED = 3
@@ -843,3 +849,19 @@ def report(
     console = _stdout_console(_output_width(None))
     for path in (files.html, files.smoothness_png, files.series_png):
         console.print(f"wrote {path}", markup=False)
+
+
+@app.command()
+def repair(
+    trajectory_file: Annotated[Path, typer.Argument(help="Trajectory file a killed run left.")],
+    debug: DebugOption = False,
+) -> None:
+    """Clear the "open for writing" mark a killed run leaves, so any HDF5 reader opens the file.
+
+    smoothprof's own commands read such a file without this; plain h5py and HDF5 tools refuse it
+    until it is repaired (as HDF5's h5clear -s does). Only the file's 48-byte superblock is
+    rewritten; a file a run is still writing is refused.
+    """
+    with _user_errors(debug):
+        changed = repair_trajectory(trajectory_file)
+    typer.echo(f"{trajectory_file}: " + ("repaired" if changed else "nothing to repair"))

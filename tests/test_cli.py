@@ -23,7 +23,7 @@ def invoke(*args, env=None):
 
 def test_every_command_has_help_and_a_readme_mention():
     readme = (REPO / "README.md").read_text()
-    assert COMMANDS == ["compare", "fit", "plot", "report", "run"]
+    assert COMMANDS == ["compare", "fit", "plot", "repair", "report", "run"]
     top = invoke("--help")
     assert top.exit_code == 0
     for command in COMMANDS:
@@ -255,3 +255,11 @@ def test_output_has_the_width_asked_for_and_is_repeatable(minimal_run, width):
         assert first.exit_code == 0, first.output
         assert max(len(line) for line in first.stdout.splitlines()) <= width
         assert invoke(command, out, "--width", width).stdout == first.stdout
+
+
+def test_repair_command(tmp_path, minimal_run):
+    out, _ = minimal_run
+    result = invoke("repair", out)
+    assert result.exit_code == 0, result.output
+    assert "nothing to repair" in result.stdout
+    assert_one_line_error(invoke("repair", tmp_path / "missing.h5"), "no such file")
