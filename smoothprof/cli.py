@@ -525,6 +525,24 @@ def _progress(console: Console, total: int) -> Iterator[Any]:
     yield report_plain
 
 
+def _read_noting_status(path: Path) -> Trajectory:
+    """Read a trajectory; say on stderr when a run is still writing it or never closed it."""
+    trajectory = read_trajectory(path)
+    if trajectory.status == "writing":
+        _error_console().print(
+            f"note: {path} is still being written; this uses its "
+            f"{trajectory.num_probes} probes so far",
+            markup=False,
+        )
+    elif trajectory.status == "unclosed":
+        _error_console().print(
+            f"note: {path} was not closed (was its run killed?); every complete row is used. "
+            f"`smoothprof repair {path}` lets other HDF5 tools open it",
+            markup=False,
+        )
+    return trajectory
+
+
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -675,7 +693,7 @@ def fit(
 ) -> None:
     """Fit L0 and L1 as an upper envelope and suggest a clip threshold and a step size."""
     with _user_errors(debug):
-        trajectories = [read_trajectory(path) for path in trajectory_files]
+        trajectories = [_read_noting_status(path) for path in trajectory_files]
         chosen = _choose_estimator(trajectories, estimator)
         column = ESTIMATOR_COLUMNS[chosen]
         grad_norm, smoothness, progress = _fit_points(trajectories, column, skip_steps)
@@ -735,7 +753,7 @@ def plot(
     """Plot loss, gradient norm, both smoothness estimates, the step size and the share of
     clipped steps over the training steps."""
     with _user_errors(debug):
-        trajectory = read_trajectory(trajectory_file)
+        trajectory = _read_noting_status(trajectory_file)
         if trajectory.num_probes == 0 and not len(trajectory.train.get("step", [])):
             raise TrajectoryError(f"{trajectory_file}: holds no rows yet")
     out_width = _output_width(width)
@@ -777,7 +795,7 @@ def compare(
     if target is not None and not math.isfinite(target):
         raise typer.BadParameter(f"--target must be a finite number, got {target}")
     with _user_errors(debug):
-        trajectories = [read_trajectory(path) for path in trajectory_files]
+        trajectories = [_read_noting_status(path) for path in trajectory_files]
         comparison = compare_runs(
             [str(path) for path in trajectory_files],
             [t.train for t in trajectories],
@@ -830,7 +848,7 @@ def report(
     with both, the fit and the recommendations. Needs matplotlib (smoothprof[science])."""
     with _user_errors(debug):
         require_matplotlib()
-        trajectory = read_trajectory(trajectory_file)
+        trajectory = _read_noting_status(trajectory_file)
         chosen = _choose_estimator([trajectory], estimator)
         grad_norm, smoothness, _ = _fit_points([trajectory], ESTIMATOR_COLUMNS[chosen], skip_steps)
         envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
