@@ -335,23 +335,11 @@ def _text(text: str, ascii_only: bool, style: str = "") -> Text:
     return Text(to_ascii(text) if ascii_only else text, style=style)
 
 
-def fit_summary(
-    fit: EnvelopeFit,
-    estimator: str,
-    source_files: Sequence[str],
-    *,
-    grad_noise: float | None = None,
-    skip_steps: int = 0,
-    ascii_only: bool = False,
-) -> Table:
-    """The fitted constants and the statistics beside them.
-
-    `grad_noise` is the gradient-noise level the recommendations used (None: not measured).
-    """
-    table = _table("(L0, L1) envelope fit", ascii_only)
-    table.add_column("quantity", overflow="fold")
-    table.add_column("value", justify="right", overflow="fold")
-    table.add_column("meaning", overflow="fold")
+def fit_rows(
+    fit: EnvelopeFit, *, grad_noise: float | None = None, skip_steps: int = 0
+) -> list[tuple[str, str, str]]:
+    """(quantity, value, meaning) for the fitted constants and the statistics beside them: the
+    rows of the terminal's fit table and of the HTML report's."""
 
     def interval(bounds: tuple[float, float] | None) -> str:
         if bounds is None:
@@ -365,7 +353,7 @@ def fit_summary(
         if grad_noise is None
         else (format_number(grad_noise), "median spread of per-batch gradients over the probes")
     )
-    rows = [
+    return [
         ("L0", format_number(fit.L0) + interval(fit.L0_interval), level),
         ("L1", format_number(fit.L1) + interval(fit.L1_interval), level),
         (
@@ -384,6 +372,27 @@ def fit_summary(
         ("G_max", format_number(fit.G_max), "largest measured gradient norm"),
         ("gradient noise τ", *noise),
     ]
+
+
+def fit_summary(
+    fit: EnvelopeFit,
+    estimator: str,
+    source_files: Sequence[str],
+    *,
+    grad_noise: float | None = None,
+    skip_steps: int = 0,
+    ascii_only: bool = False,
+) -> Table:
+    """The fitted constants and the statistics beside them.
+
+    `grad_noise` is the gradient-noise level the recommendations used (None: not measured).
+    """
+    table = _table("(L0, L1) envelope fit", ascii_only)
+    table.add_column("quantity", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_column("meaning", overflow="fold")
+
+    rows = fit_rows(fit, grad_noise=grad_noise, skip_steps=skip_steps)
     for row in rows:
         table.add_row(*(_text(cell, ascii_only) for cell in row))
     table.caption = _text(

@@ -27,6 +27,7 @@ from .display import (
     ESTIMATOR_LABELS,
     assumptions_text,
     clipped_share_window,
+    fit_rows,
     format_number,
     rolling_share,
     step_size_text,
@@ -281,36 +282,6 @@ def _run_rows(trajectory: Trajectory) -> list[tuple[str, str]]:
     return rows
 
 
-def _fit_rows(fit: EnvelopeFit, grad_noise: float | None) -> list[tuple[str, str, str]]:
-    def interval(bounds: tuple[float, float] | None) -> str:
-        if bounds is None:
-            return ""
-        return f" [{format_number(bounds[0])}, {format_number(bounds[1])}]"
-
-    level = f"{fit.confidence:.0%} bootstrap interval" if fit.L0_interval else ""
-    return [
-        ("L0", format_number(fit.L0) + interval(fit.L0_interval), level),
-        ("L1", format_number(fit.L1) + interval(fit.L1_interval), level),
-        ("points", str(fit.num_points), f"{fit.num_dropped} dropped (non-finite or <= 0)"),
-        ("under envelope", f"{fit.share_below:.1%}", f"quantile fit at {fit.quantile:g}"),
-        (
-            "Spearman log-log",
-            format_number(fit.spearman_log, 3),
-            "correlation of log smoothness with log gradient norm",
-        ),
-        ("Pearson log-log", format_number(fit.pearson_log, 3), ""),
-        ("L_max", format_number(fit.L_max), "largest measured smoothness"),
-        ("G_max", format_number(fit.G_max), "largest measured gradient norm"),
-        (
-            "gradient noise τ",
-            format_number(grad_noise),
-            "median spread of per-batch gradients over the probes"
-            if grad_noise is not None
-            else "not measured: needs 2 or more probe batches",
-        ),
-    ]
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], css: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -387,7 +358,7 @@ def report_html(
         f"(L0, L1) envelope. Smoothness: {html.escape(label)}.{html.escape(skipped)}</p>",
         image(smoothness_png, "gradient norm against smoothness, log-log, with the envelope"),
         "<h2>(L0, L1) envelope fit</h2>",
-        _table(("quantity", "value", "meaning"), _fit_rows(fit, grad_noise)),
+        _table(("quantity", "value", "meaning"), fit_rows(fit, grad_noise=grad_noise)),
         "<h2>Suggested clip threshold and step size</h2>",
         _table(("#", "rule", "clip c", "step size", "source"), rules),
         "<p>Step sizes written a/(g + b) scale with the gradient norm g of each step.</p>",
