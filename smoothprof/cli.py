@@ -50,9 +50,9 @@ from .display import (
     to_ascii,
     training_progress,
 )
-from .fit import MIN_POINTS, EnvelopeFit, FitError, fit_envelope
+from .fit import MIN_POINTS, EnvelopeFit, FitError, correlation_after_step, fit_envelope
 from .loading import ModelFileError, load_model_file
-from .recommend import Recommendations, recommend
+from .recommend import WEAK_CORRELATION, ProfilingRun, Recommendations, recommend
 from .report import ReportError, require_matplotlib, write_report
 from .train import (
     ESTIMATORS,
@@ -574,18 +574,27 @@ def _choose_estimator(trajectories: list[Trajectory], estimator: str | None) -> 
     )
 
 
-def _fit_points(
-    trajectories: list[Trajectory], column: str, skip_steps: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradient norms, smoothness and training progress (0 to 1) of the probes of every file
-    at steps >= skip_steps."""
-    grads, values, progress = [], [], []
+@dataclasses.dataclass(frozen=True)
+class FitPoints:
+    """The probes a fit uses, from every file, at steps >= skip_steps."""
+
+    grad_norm: np.ndarray
+    smoothness: np.ndarray
+    progress: np.ndarray  # training progress, 0 to 1, of each point's run
+    step: np.ndarray
+
+
+def _fit_points(trajectories: list[Trajectory], column: str, skip_steps: int) -> FitPoints:
+    """Gradient norms, smoothness, training progress and steps of the probes of every file at
+    steps >= skip_steps."""
+    grads, values, progress, kept_steps = [], [], [], []
     for trajectory in trajectories:
         steps = trajectory.probes["step"]
         keep = steps >= skip_steps
         grads.append(trajectory.probes["grad_norm"][keep])
         values.append(trajectory.probes[column][keep])
         progress.append(training_progress(steps[keep], _last_step(trajectory)))
+        kept_steps.append(steps[keep])
     if skip_steps and sum(int(np.sum(np.isfinite(v))) for v in values) < MIN_POINTS:
         kept = sum(len(v) for v in values)
         raise FitError(
@@ -593,7 +602,30 @@ def _fit_points(
             f"{MIN_POINTS} (the last probe is at step "
             f"{max(int(t.probes['step'].max(initial=-1)) for t in trajectories)})"
         )
-    return np.concatenate(grads), np.concatenate(values), np.concatenate(progress)
+    return FitPoints(
+        np.concatenate(grads),
+        np.concatenate(values),
+        np.concatenate(progress),
+        np.concatenate(kept_steps),
+    )
+
+
+def _with_early_steps_note(
+    recs: Recommendations, fit: EnvelopeFit, points: FitPoints
+) -> Recommendations:
+    """Add a warning when a weak correlation comes from the first steps only."""
+    if fit.spearman_log > WEAK_CORRELATION:
+        return recs
+    found = correlation_after_step(points.grad_norm, points.smoothness, points.step)
+    if found is None:
+        return recs
+    step, rho = found
+    note = (
+        f"without the probes before step {step} the Spearman correlation is {rho:.2f}: the "
+        "first steps of the run move differently (often the gradient norm falls while the "
+        f"smoothness rises); fit the rest with --skip-steps {step}."
+    )
+    return dataclasses.replace(recs, warnings=(*recs.warnings, note))
 
 
 def _last_step(trajectory: Trajectory) -> float:
@@ -618,6 +650,51 @@ def _num_steps(trajectories: list[Trajectory]) -> int | None:
         elif len(trajectory.train.get("step", [])):
             counts.append(len(trajectory.train["step"]))
     return max(counts) if counts else None
+
+
+def _profiling_run(trajectories: list[Trajectory]) -> ProfilingRun:
+    """How the fitted runs trained: the smallest recorded lr (config, else the training rows),
+    clipped if any run clipped, the optimizer when all runs name the same one."""
+    lrs, clips, optimizers = [], [], set()
+    for trajectory in trajectories:
+        config = trajectory.config
+        lr = config.get("lr")
+        if not _positive_number(lr):
+            recorded = trajectory.train.get("lr", np.array([]))
+            recorded = recorded[np.isfinite(recorded) & (recorded > 0)]
+            lr = float(np.median(recorded)) if len(recorded) else None
+        if lr is not None:
+            lrs.append(float(lr))
+        if _positive_number(config.get("clip")):
+            clips.append(float(config["clip"]))
+        optimizers.add(
+            config.get("optimizer") if isinstance(config.get("optimizer"), str) else None
+        )
+    return ProfilingRun(
+        lr=min(lrs) if lrs else None,
+        clip=min(clips) if clips else None,
+        optimizer=optimizers.pop() if len(optimizers) == 1 else None,
+    )
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as it is."""
+    if not path or not os.path.isabs(path):
+        return path
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _noise_level(trajectories: list[Trajectory]) -> float | None:
@@ -661,6 +738,7 @@ def fit_as_json(
             "predicted_speedup": recs.predicted_speedup,
             "grad_noise": grad_noise,
             "num_steps": num_steps,
+            "sweep_lrs": list(recs.sweep_lrs),
             "explanation": recs.explanation,
             "warnings": list(recs.warnings),
             "caveats": list(recs.caveats),
@@ -696,10 +774,17 @@ def fit(
         trajectories = [_read_noting_status(path) for path in trajectory_files]
         chosen = _choose_estimator(trajectories, estimator)
         column = ESTIMATOR_COLUMNS[chosen]
-        grad_norm, smoothness, progress = _fit_points(trajectories, column, skip_steps)
+        points = _fit_points(trajectories, column, skip_steps)
+        grad_norm, smoothness, progress = points.grad_norm, points.smoothness, points.progress
         envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
         grad_noise, num_steps = _noise_level(trajectories), _num_steps(trajectories)
-        recs = recommend(envelope, grad_noise=grad_noise, num_steps=num_steps)
+        recs = recommend(
+            envelope,
+            grad_noise=grad_noise,
+            num_steps=num_steps,
+            profile=_profiling_run(trajectories),
+        )
+        recs = _with_early_steps_note(recs, envelope, points)
     files = [str(path) for path in trajectory_files]
     if as_json:
         document = fit_as_json(
@@ -737,7 +822,9 @@ def fit(
             smoothness_label=ESTIMATOR_LABELS[chosen],
         )
         parts.append(Text.from_ansi(figure) if color else Text(figure))
-    parts.append(recommendations_view(recs, ascii_only=ascii_only))
+    model_files = {str(t.attributes.get("model_file", "")) for t in trajectories}
+    model_file = _shown_path(model_files.pop()) if len(model_files) == 1 else ""
+    parts.append(recommendations_view(recs, ascii_only=ascii_only, model_file=model_file or None))
     _emit(out_width, ascii_only, *parts)
 
 
@@ -850,10 +937,18 @@ def report(
         require_matplotlib()
         trajectory = _read_noting_status(trajectory_file)
         chosen = _choose_estimator([trajectory], estimator)
-        grad_norm, smoothness, _ = _fit_points([trajectory], ESTIMATOR_COLUMNS[chosen], skip_steps)
-        envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
+        points = _fit_points([trajectory], ESTIMATOR_COLUMNS[chosen], skip_steps)
+        envelope = fit_envelope(
+            points.grad_norm, points.smoothness, quantile=quantile, num_bootstrap=bootstrap
+        )
         grad_noise, num_steps = _noise_level([trajectory]), _num_steps([trajectory])
-        recs = recommend(envelope, grad_noise=grad_noise, num_steps=num_steps)
+        recs = recommend(
+            envelope,
+            grad_noise=grad_noise,
+            num_steps=num_steps,
+            profile=_profiling_run([trajectory]),
+        )
+        recs = _with_early_steps_note(recs, envelope, points)
         directory = output_dir if output_dir is not None else Path(trajectory_file.stem + "_report")
         files = write_report(
             trajectory,

@@ -402,9 +402,37 @@ def fit_summary(
     return table
 
 
-def recommendations_view(recs: Recommendations, *, ascii_only: bool = False) -> Group:
-    """Every supported rule, the headline explained, warnings and caveats, then the headline as
-    ready-to-paste PyTorch."""
+def sweep_commands(model_file: str, recs: Recommendations) -> list[str]:
+    """The ``smoothprof run`` commands of the clipped sweep around the headline, and the
+    ``smoothprof compare`` that judges them; none when the headline does not clip.
+
+    >>> from smoothprof.fit import fit_envelope
+    >>> from smoothprof.recommend import ProfilingRun, recommend
+    >>> fit = fit_envelope([0.2, 0.5, 1.0, 2.0], [1.2, 1.5, 2.0, 3.0], num_bootstrap=0)
+    >>> print("\\n".join(sweep_commands("model.py", recommend(fit, profile=ProfilingRun(lr=1)))))
+    smoothprof run model.py --clip 1 --lr 1 --probe-every 0 -o clip_lr1.h5
+    smoothprof run model.py --clip 1 --lr 2 --probe-every 0 -o clip_lr2.h5
+    smoothprof run model.py --clip 1 --lr 5 --probe-every 0 -o clip_lr5.h5
+    smoothprof run model.py --clip 1 --lr 10 --probe-every 0 -o clip_lr10.h5
+    smoothprof run model.py --clip 1 --lr 20 --probe-every 0 -o clip_lr20.h5
+    smoothprof compare clip_lr*.h5
+    """
+    clip = recs.headline.clip_threshold
+    if clip is None or not recs.sweep_lrs:
+        return []
+    commands = [
+        f"smoothprof run {model_file} --clip {clip:.6g} --lr {lr:.3g} --probe-every 0 "
+        f"-o clip_lr{lr:.3g}.h5"
+        for lr in recs.sweep_lrs
+    ]
+    return [*commands, "smoothprof compare clip_lr*.h5"]
+
+
+def recommendations_view(
+    recs: Recommendations, *, ascii_only: bool = False, model_file: str | None = None
+) -> Group:
+    """Every supported rule, the headline explained, warnings and caveats, the commands of the
+    clipped sweep (with ``model_file``), then the headline as ready-to-paste PyTorch."""
     table = _table("Suggested clip threshold and step size", ascii_only)
     table.add_column("#", justify="right")
     table.add_column("rule", overflow="fold")
@@ -427,6 +455,15 @@ def recommendations_view(recs: Recommendations, *, ascii_only: bool = False) -> 
     lines = [_text(assumptions_text(recs.rules), ascii_only), _text(recs.explanation, ascii_only)]
     lines += [_text(f"warning: {w}", ascii_only, style="yellow") for w in recs.warnings]
     lines += [_text(f"note: {c}", ascii_only, style="dim") for c in recs.caveats]
+    commands = sweep_commands(model_file, recs) if model_file else []
+    if commands:
+        lines.append(
+            _text(
+                "The clipped sweep (add your fixed-step runs to the compare to judge clipping):",
+                ascii_only,
+            )
+        )
+        lines += [_text(f"  {command}", ascii_only) for command in commands]
     snippet = Panel(
         _text(pytorch_snippet(recs.headline), ascii_only),
         title=_text(f"headline: {recs.headline.title}", ascii_only),

@@ -21,6 +21,7 @@ __all__ = [
     "MIN_POINTS",
     "EnvelopeFit",
     "FitError",
+    "correlation_after_step",
     "fit_envelope",
     "quantile_envelope",
 ]
@@ -175,6 +176,50 @@ def fit_envelope(
         confidence=confidence,
         G_min=float(np.min(g)),
     )
+
+
+def correlation_after_step(
+    grad_norm,
+    smoothness,
+    steps,
+    *,
+    threshold: float = 0.5,
+    max_share: float = 1 / 3,
+    min_points: int = 10,
+) -> tuple[int, float] | None:
+    """The first probe step s such that the points at steps >= s have a Spearman correlation of
+    log L with log g above ``threshold``, and that correlation; None when none does.
+
+    Only the steps of the first ``max_share`` of the usable points are tried, and at least
+    ``min_points`` points must remain: this finds a correlation hidden by the first steps of a
+    run (where the gradient norm often falls while the smoothness rises), not a subset chosen to
+    correlate.
+
+    >>> g = [0.5, 0.4, 0.3, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    >>> L = [1.0, 1.5, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0, 3.1, 3.2, 3.3]
+    >>> step, rho = correlation_after_step(g, L, range(0, 120, 10), min_points=8)
+    >>> step, round(rho, 2)
+    (10, 0.91)
+    """
+    g = _as_float_array(grad_norm, "gradient norms")
+    L = _as_float_array(smoothness, "smoothness values")
+    t = _as_float_array(steps, "steps")
+    if not g.shape == L.shape == t.shape:
+        raise FitError("gradient norms, smoothness values and steps differ in length")
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(g) & np.isfinite(L) & np.isfinite(t) & (g > 0) & (L > 0)
+    g, L, t = g[usable], L[usable], t[usable]
+    log_g, log_L = np.log(g), np.log(L)
+    candidates = np.unique(t)
+    candidates = candidates[candidates <= np.quantile(t, max_share)] if t.size else candidates
+    for step in candidates[1:]:
+        later = t >= step
+        if int(np.sum(later)) < min_points:
+            break
+        rho = _pearson(_average_ranks(log_g[later]), _average_ranks(log_L[later]))
+        if rho > threshold:
+            return int(step), rho
+    return None
 
 
 def _open_unit_interval(value, name: str) -> float:

@@ -261,3 +261,59 @@ def test_colour_only_on_a_terminal_without_no_color(synthetic):
     assert b"\x1b[" not in fit_no_color and b"L0" in fit_no_color  # NO_COLOR: none at all
     assert b"\x1b[" not in fit_ascii and fit_ascii.isascii() and b"clip_grad_norm_" in fit_ascii
     assert not rest.strip()
+
+
+@pytest.fixture(scope="module")
+def unclipped_profile(tmp_path_factory):
+    """An unclipped SGD profile at lr 0.2 whose first eight probes hide the correlation: the
+    gradient norm falls while the smoothness rises, then both fall together."""
+    path = tmp_path_factory.mktemp("display") / "profile.h5"
+    early_g, early_L = np.geomspace(0.06, 0.03, 8), np.geomspace(3.0, 10.0, 8)
+    late_g = np.geomspace(0.5, 0.05, 22)
+    late_L = (1.0 + 4.0 * late_g) * np.random.default_rng(2).uniform(0.7, 1.0, late_g.size)
+    g, L = np.concatenate([early_g, late_g]), np.concatenate([early_L, late_L])
+    config = {"steps": 300, "lr": 0.2, "clip": None, "optimizer": "sgd"}
+    attributes = {"config": config, "model_file": "model.py"}
+    with smoothprof.TrajectoryWriter(path, attributes=attributes) as writer:
+        for i in range(g.size):
+            writer.append_probe(
+                {"step": 10 * i, "loss": 1.0, "grad_norm": g[i], "hessian_norm": L[i],
+                 "hessian_eig": L[i], "hvp_count": 5, "hessian_converged": True}
+            )  # fmt: skip
+    return path
+
+
+def test_fit_headlines_the_measured_rule_with_its_sweep(unclipped_profile):
+    data = json.loads(invoke("fit", unclipped_profile, "--json", "--skip-steps", 80).stdout)
+    assert data["headline"]["rule"] == "clipped-measured"
+    assert data["clip_threshold"] == pytest.approx(data["L0"] / data["L1"])
+    assert data["step_size"] == pytest.approx(2.0)  # 10 x the profiling lr 0.2
+    assert data["sweep_lrs"] == pytest.approx([0.2, 0.4, 1.0, 2.0, 4.0])
+    assert data["recommendations"][0] == data["headline"]
+    assert "[measured]" in data["headline"]["source"]
+    shown = invoke("fit", unclipped_profile, "--width", "200", "--skip-steps", 80).stdout
+    text = " ".join(shown.split())
+    clip = f"{data['clip_threshold']:.6g}"
+    for lr in ("0.2", "0.4", "1", "2", "4"):
+        assert f"smoothprof run model.py --clip {clip} --lr {lr} --probe-every 0" in text
+    assert "smoothprof compare clip_lr*.h5" in text
+
+
+def test_fit_points_to_skip_steps_when_only_the_first_steps_hide_the_correlation(
+    unclipped_profile,
+):
+    data = json.loads(invoke("fit", unclipped_profile, "--json").stdout)
+    assert data["statistics"]["spearman_log"] <= 0.3
+    hint = next(w for w in data["warnings"] if "--skip-steps" in w)
+    skip = int(re.search(r"--skip-steps (\d+)", hint).group(1))
+    assert 10 <= skip <= 80  # at most the first third of the 30 probes
+    later = json.loads(invoke("fit", unclipped_profile, "--json", "--skip-steps", skip).stdout)
+    assert later["statistics"]["spearman_log"] > 0.5
+    assert not any("--skip-steps" in w for w in later["warnings"])
+
+
+def test_fit_keeps_the_lr_of_a_clipped_profile(synthetic):
+    data = json.loads(invoke("fit", synthetic, "--json").stdout)
+    assert data["headline"]["rule"] == "clipped-measured"
+    assert data["step_size"] == pytest.approx(0.05)  # the config's lr: that run was clipped
+    assert any("clipped at 1" in w and "keeps its lr" in w for w in data["warnings"])

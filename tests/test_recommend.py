@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from smoothprof.fit import EnvelopeFit, FitError, fit_envelope
 from smoothprof.recommend import (
     CAVEATS,
+    SWEEP_FACTORS,
+    ProfilingRun,
     Recommendation,
     Recommendations,
     pytorch_snippet,
@@ -44,6 +46,7 @@ def by_rule(recs: Recommendations) -> dict[str, Recommendation]:
 # (clip threshold, step size, step offset) for L0 = 2, L1 = 0.5, L_max = 40, G_max = 30, worked
 # out by hand from theory.md §4: eta_c = 1/(10*L0) = 1/20, gamma = min{10*L0, L0/L1} = min{20, 4}.
 BY_HAND = {
+    "clipped-measured": (4.0, 10 * 0.3, None),  # c = L0/L1, 10 x the profiling lr 0.3
     "clipped-gd-conservative": (4.0, 1 / 20, None),  # Theorem 3
     "clipped-gd-koloskova": (4.0, 1 / 36, None),  # c = 4, 1/(9*(2 + 4*0.5))
     "normalized-gd": (None, 4 / 20, 4.0),  # eta_n = gamma*eta_c = 0.2, beta = gamma = 4
@@ -53,6 +56,7 @@ BY_HAND = {
     "adaptive-step-vankov": (None, 4 / 3, 8 / 3),  # 1/(2 + 0.75 g) = (4/3)/(g + 8/3)
 }
 MARKS = {
+    "clipped-measured": "[measured]",
     "clipped-gd-conservative": "[paper]",
     "clipped-gd-koloskova": "[lecture]",
     "normalized-gd": "[paper]",
@@ -71,18 +75,24 @@ def assert_numbers(rec, expected):
     assert rec.step_offset == (None if offset is None else pytest.approx(offset, rel=1e-12))
 
 
+SGD_PROFILE = ProfilingRun(lr=0.3, optimizer="sgd")
+
+
 def test_rule_table_by_hand():
-    recs = recommend(make_fit())
+    recs = recommend(make_fit(), profile=SGD_PROFILE)
     rules = by_rule(recs)
-    assert list(rules) == list(BY_HAND)  # the order of theory.md §4, without the stochastic rule
+    # The measured headline, then the order of theory.md §4, without the stochastic rule.
+    assert list(rules) == list(BY_HAND)
     for name, expected in BY_HAND.items():
         assert_numbers(rules[name], expected)
         assert MARKS[name] in rules[name].source
         assert rules[name].title and rules[name].assumptions
-    assert recs.headline is rules["clipped-gd-koloskova"]
+    assert recs.headline is rules["clipped-measured"]
     assert recs.fixed_step_observed == 1 / 40
     assert recs.predicted_speedup == pytest.approx(40 / 2)  # L_max / L0
-    assert "worst-case" in recs.explanation and "Koloskova" in recs.explanation
+    assert "worst-case" in recs.explanation and "measured, not proved" in recs.explanation
+    assert recs.sweep_lrs == pytest.approx([0.3, 0.6, 1.5, 3.0, 6.0])
+    assert "0.3, 0.6, 1.5, 3, 6" in recs.explanation
     assert recs.warnings == ()
     assert recs.caveats == CAVEATS and len(CAVEATS) == 3
 
@@ -97,7 +107,7 @@ def test_vankov_offset_form_equals_the_formula():
 def test_stochastic_rule_with_noise_and_steps():
     # min{1/(20*L0), 1/(128*L1*tau), 1/sqrt(T)} = min{1/40, 1/192, 1/100}; clip gamma = 4.
     rules = by_rule(recommend(make_fit(), grad_noise=3.0, num_steps=10_000))
-    assert list(rules)[5] == "clipped-sgd"
+    assert list(rules)[6] == "clipped-sgd"
     assert_numbers(rules["clipped-sgd"], (4.0, 1 / 192, None))
     assert MARKS["clipped-sgd"] in rules["clipped-sgd"].source
     # Few steps: the 1/sqrt(T) term binds.
@@ -127,6 +137,7 @@ def test_L1_zero_means_no_clipping():
     rules = by_rule(recs)
     assert recs.headline is rules["fixed-step-gd-observed"]
     assert recs.headline.step_size == 1 / 8
+    assert "clipped-measured" not in rules and recs.sweep_lrs == ()
     assert all(r.clip_threshold is None for r in recs.rules)
     assert rules["clipped-gd-koloskova"].step_size == pytest.approx(1 / 45)  # 1/(9*L0)
     assert rules["clipped-gd-conservative"].step_size == pytest.approx(1 / 50)
@@ -144,7 +155,8 @@ def test_L0_zero_uses_the_floor_L1_times_G_min():
     floor = 0.5 * 0.1
     rules = by_rule(recs)
     koloskova = rules["clipped-gd-koloskova"]
-    assert recs.headline is koloskova
+    assert recs.headline is rules["clipped-measured"]
+    assert recs.headline.clip_threshold == pytest.approx(0.1)
     assert koloskova.clip_threshold == pytest.approx(0.1)  # L0'/L1 = G_min
     assert koloskova.step_size == pytest.approx(1 / (18 * floor))
     assert koloskova.clip_threshold * koloskova.step_size == pytest.approx(1 / (18 * 0.5))
@@ -166,9 +178,62 @@ def test_L0_zero_without_G_min_omits_the_rules_dividing_by_L0():
 def test_overflowing_rules_are_omitted_with_a_warning():
     recs = recommend(make_fit(L0=5e-324, L1=1.0, G_min=1e-300))
     assert "clipped-gd-koloskova" not in by_rule(recs)
-    assert recs.headline.rule == "fixed-step-gd-observed"
+    assert recs.headline.rule == "clipped-measured"  # c = L0/L1 and lr = 1/L_max stay finite
     assert any("overflow" in w for w in recs.warnings)
     assert_all_finite(recs)
+
+
+def test_headline_is_ten_times_an_unclipped_sgd_profiling_lr():
+    recs = recommend(make_fit(), profile=ProfilingRun(lr=0.5, optimizer="sgd"))
+    assert recs.headline.rule == "clipped-measured"
+    assert recs.headline.clip_threshold == pytest.approx(4.0)  # L0/L1
+    assert recs.headline.step_size == pytest.approx(5.0)
+    assert recs.sweep_lrs == pytest.approx([0.5 * f for f in SWEEP_FACTORS])
+    assert "10 x the profiling run's lr 0.5" in recs.headline.note
+    unnamed = recommend(make_fit(), profile=ProfilingRun(lr=0.5))
+    assert unnamed.headline.step_size == pytest.approx(5.0)
+    assert "does not name the optimizer" in unnamed.headline.note
+
+
+@pytest.mark.parametrize(
+    ("profile", "clip", "phrase"),
+    [
+        (ProfilingRun(lr=0.5, clip=0.25, optimizer="sgd"), 0.25, "clipped at 0.25"),
+        (ProfilingRun(lr=0.5, clip=9.0, optimizer="sgd"), 4.0, "clipped at 9"),
+        (ProfilingRun(lr=0.5, optimizer="adam"), 4.0, "trained with adam"),
+        (ProfilingRun(lr=0.5, optimizer="momentum"), 4.0, "trained with momentum"),
+    ],
+)
+def test_headline_keeps_the_lr_of_other_profiles(profile, clip, phrase):
+    # A clipped profile showed steps up to lr·clip to be safe: the clip is never looser.
+    recs = recommend(make_fit(), profile=profile)
+    assert recs.headline.step_size == pytest.approx(0.5)
+    assert recs.headline.clip_threshold == pytest.approx(clip)  # min(c = L0/L1 = 4, its clip)
+    assert recs.sweep_lrs == pytest.approx([0.5 * f for f in SWEEP_FACTORS])
+    assert any(phrase in w and "keeps its lr" in w for w in recs.warnings)
+
+
+def test_headline_without_a_recorded_lr_starts_from_one_over_L_max():
+    recs = recommend(make_fit())
+    assert recs.headline.step_size == pytest.approx(1 / 40)
+    assert recs.sweep_lrs == pytest.approx([f / 40 for f in SWEEP_FACTORS])
+    assert any("does not record the profiling run's lr" in w for w in recs.warnings)
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        ProfilingRun(lr=0.0),
+        ProfilingRun(lr=math.nan),
+        ProfilingRun(lr=math.inf),
+        ProfilingRun(lr=True),
+        ProfilingRun(lr=0.1, clip=-1.0),
+        {"lr": 0.1},
+    ],
+)
+def test_bad_profile_raises_value_error(profile):
+    with pytest.raises(ValueError):
+        recommend(make_fit(), profile=profile)
 
 
 def test_weak_correlation_and_few_points_warn():
