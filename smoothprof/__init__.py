@@ -14,7 +14,13 @@ from .estimators import (
 from .fit import EnvelopeFit, FitError, fit_envelope
 from .loading import ModelFile, ModelFileError, default_loss, load_model_file
 from .probe import HessianNorm, Probe, ProbeRecord, every_k_steps, hessian_norm
-from .recommend import Recommendation, Recommendations, pytorch_snippet, recommend
+from .recommend import (
+    ProfilingRun,
+    Recommendation,
+    Recommendations,
+    pytorch_snippet,
+    recommend,
+)
 from .trajectory import (
     Trajectory,
     TrajectoryError,
@@ -37,6 +43,7 @@ __all__ = [
     "ModelFileError",
     "Probe",
     "ProbeRecord",
+    "ProfilingRun",
     "Recommendation",
     "Recommendations",
     "Trajectory",
