@@ -120,3 +120,34 @@ def test_finite_difference_without_an_update_is_nan():
     assert math.isnan(finite_difference_smoothness(lambda g: torch.ones(2), torch.ones(2), 0.0))
     with pytest.raises(ValueError):
         finite_difference_smoothness(lambda g: torch.ones(2), torch.ones(2), 1.0, (1.5,))
+
+
+def _plain_lanczos_basis(matrix: torch.Tensor, first: torch.Tensor, steps: int) -> torch.Tensor:
+    """The three-term recurrence without any reorthogonalization, for contrast."""
+    basis = [first / first.norm()]
+    previous, beta = torch.zeros_like(first), 0.0
+    for _ in range(steps - 1):
+        w = matrix @ basis[-1] - beta * previous
+        w = w - torch.dot(basis[-1], w) * basis[-1]
+        beta = float(w.norm())
+        previous = basis[-1]
+        basis.append(w / beta)
+    return torch.stack(basis)
+
+
+def test_lanczos_keeps_the_basis_semi_orthogonal_where_plain_lanczos_loses_it():
+    from smoothprof.estimators import _lanczos
+
+    # The isolated eigenvalue -50 converges in a few steps, and plain Lanczos then loses
+    # orthogonality against its Ritz vector; the top of the dense part [0, 100] converges slowly.
+    eigenvalues = torch.cat([torch.tensor([-50.0]), torch.linspace(0.0, 100.0, 399)])
+    rotation, _ = torch.linalg.qr(torch.randn(400, 400, generator=torch.Generator().manual_seed(3)))
+    matrix = (rotation * eigenvalues) @ rotation.T
+    first = torch.randn(400, generator=torch.Generator().manual_seed(4))
+    result, basis = _lanczos(lambda v: matrix @ v, first, rtol=1e-9, max_matvecs=120)
+    assert result.num_matvecs >= 100  # far past the convergence of -50
+    loss = (basis @ basis.T - torch.eye(len(basis))).abs().max()
+    assert loss <= 3 * math.sqrt(torch.finfo(torch.float32).eps)
+    assert result.eigenvalue == pytest.approx(100.0, rel=1e-3)
+    plain = _plain_lanczos_basis(matrix, first, 120)
+    assert (plain @ plain.T - torch.eye(120)).abs().max() > 0.1  # what the estimates prevent
