@@ -31,6 +31,7 @@ from .display import (
     format_number,
     rolling_share,
     step_size_text,
+    sweep_commands,
 )
 from .fit import EnvelopeFit
 from .recommend import Recommendations, pytorch_snippet
@@ -340,6 +341,13 @@ def report_html(
     caveats = "".join(f'<li class="caveat">{html.escape(c)}</li>' for c in recs.caveats)
     skipped = f" Probes before step {skip_steps} were left out." if skip_steps else ""
     label = ESTIMATOR_LABELS.get(estimator, estimator)
+    commands = sweep_commands(str(trajectory.attributes.get("model_file") or "MODEL.py"), recs)
+    sweep = (
+        "<p>The clipped sweep to tune it (add your fixed-step runs to the compare):</p>"
+        f"<pre>{html.escape(chr(10).join(commands))}</pre>"
+        if commands
+        else ""
+    )
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -352,7 +360,9 @@ def report_html(
         f"step size {html.escape(step_size_text(head))} "
         f"({html.escape(head.source)}).</p>",
         f"<p>{html.escape(recs.explanation)}</p>",
-        f"<pre>{html.escape(pytorch_snippet(head))}</pre></div>",
+        f"<pre>{html.escape(pytorch_snippet(head))}</pre>",
+        sweep,
+        "</div>",
         "<h2>Smoothness against gradient norm (Zhang et al. 2020, Figure 1)</h2>",
         f"<p>Each point is a probe; its colour is the training step. The line is the fitted "
         f"(L0, L1) envelope. Smoothness: {html.escape(label)}.{html.escape(skipped)}</p>",

@@ -1,6 +1,7 @@
 """`smoothprof report`: valid PNG files and one self-contained HTML page, or a one-line error."""
 
 import base64
+import json
 import re
 import sys
 
@@ -68,6 +69,10 @@ def test_report_writes_pngs_and_a_self_contained_page(trajectory, tmp_path):
     assert not re.search(r"https?://|href=|<link|<script|@import|url\(", page, re.IGNORECASE)
     for text in ("L0", "L1", "Spearman log-log", "Headline", "clip_grad_norm_", "Figure 1"):
         assert text in page
+    fit = json.loads(invoke("fit", trajectory, "--json").stdout)
+    assert len(fit["sweep_lrs"]) == 5  # the headline clips: its sweep is on the page
+    assert f"--lr {fit['sweep_lrs'][-1]:.3g} --probe-every 0" in page
+    assert "smoothprof compare clip_lr*.h5" in page
     assert matplotlib.get_backend() == backend  # drawing changed no global matplotlib state
 
 
