@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -279,3 +280,47 @@ class ProbeObjective:
     def release(self) -> None:
         """Free the retained double-backward graph."""
         self._retained = None
+
+
+def saved_graph_bytes(model: nn.Module, loss_fn: LossFn, batch: Any, *, seed: int = 0) -> int:
+    """The memory one batch's double-backward graph holds: bytes of the tensors autograd saves
+    while taking the gradient with ``create_graph``, each storage counted once and the
+    parameters' own storages not at all (they exist anyway).
+
+    The caller owns the model's state, as for ``ProbeObjective`` (BatchNorm statistics move in
+    train mode; wrap the call in ``probe.unchanged_model_state``).
+    """
+    parameters = trainable_parameters(model)
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[tuple[torch.device, int]] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        if storage.data_ptr() not in owned and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return tensor
+
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
+    del loss, grads
+    return total
+
+
+def graph_memory_budget(device: torch.device) -> int:
+    """The bytes retained double-backward graphs may take without being asked for: a quarter
+    of the device's free memory (CUDA), or of the available RAM (elsewhere; 1 GiB when the
+    system does not say)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) // 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 30
+    return int(available) // 4

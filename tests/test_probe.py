@@ -307,3 +307,22 @@ def test_gradient_spread_over_batches():
     _, gradient, spread = ProbeObjective(model, loss_fn, batches).gradient()
     torch.testing.assert_close(gradient, mean, rtol=1e-12, atol=1e-14)
     assert spread == pytest.approx(expected, rel=1e-10)
+
+
+def test_saved_graph_bytes_grows_with_the_batch_and_skips_the_parameters():
+    from smoothprof.objective import graph_memory_budget, saved_graph_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    sizes = {}
+    for rows in (256, 512):
+        batch = (torch.randn(rows, 20), torch.randint(0, 3, (rows,)))
+        sizes[rows] = saved_graph_bytes(model, loss_fn, batch)
+    # At least the input and the hidden activations (float32), and linear in the batch.
+    assert sizes[256] >= 256 * (20 + 64) * 4
+    assert sizes[512] == pytest.approx(2 * sizes[256], rel=0.1)
+    # A loss of the parameters alone saves nothing beyond them.
+    squares = lambda m, b: sum((p**2).sum() for p in m.parameters())  # noqa: E731
+    assert saved_graph_bytes(model, squares, None) < 64
+    assert graph_memory_budget(torch.device("cpu")) > 0
