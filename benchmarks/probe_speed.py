@@ -6,7 +6,9 @@ Prints four tables:
 
 1. HVP cost: seconds per Hessian-vector product by each method, as a multiple of one gradient on
    the same batch (median of repeats), for an MLP, a CNN with BatchNorm, an LSTM and a
-   transformer layer; "fails" where a method raises.
+   transformer layer; "fails" where a method raises. "graph MiB" is the memory the retained
+   double-backward graph of that one batch holds (``objective.saved_graph_bytes``): the price of
+   the ``retained`` method, per probe batch.
 2. Top eigenvalue to rtol 1e-3: smoothprof's Lanczos (residual-certified) against power iteration
    with PyHessian's stopping rule, and PyHessian itself (``pip install pyhessian==0.1``; the
    column is skipped when it is not installed): HVPs, wall time and the relative error against
@@ -43,6 +45,7 @@ from smoothprof.objective import (
     ProbeObjective,
     double_backward_backends,
     preserved_rng,
+    saved_graph_bytes,
 )
 from smoothprof.train import RunConfig, prepare_run, train
 
@@ -135,10 +138,12 @@ def hvp_costs(quick: bool) -> list[list[str]]:
             objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
             objective.gradient(create_graph=True)
             vector = torch.randn(sum(p.numel() for p in parameters))
+            graph_mib = saved_graph_bytes(model, cross_entropy, batch) / 2**20
             cells = [
                 name,
                 f"{sum(p.numel() for p in parameters):,}",
                 f"{gradient_seconds * 1e3:.1f}",
+                f"{graph_mib:.1f}",
             ]
             for method in HVP_METHODS:
                 try:
@@ -282,7 +287,8 @@ def main() -> None:
     )
     print(table(
         "HVP cost per eigen-solver iteration, as a multiple of one gradient (median)",
-        ["model", "parameters", "gradient ms", *HVP_METHODS], hvp_costs(args.quick), args.markdown,
+        ["model", "parameters", "gradient ms", "graph MiB", *HVP_METHODS], hvp_costs(args.quick),
+        args.markdown,
     ))  # fmt: skip
     rows, have_pyhessian = eigen_accuracy(args.quick)
     header = ["model", "abs(lambda) ref.", "Lanczos HVPs", "s", "rel. error",

@@ -91,6 +91,8 @@ defaults = {
     "probe_schedule": "log",  # dense early, where the loss falls fastest
     "probes_per_decade": 10,
     "probe_batches": 2,
+    # Both batches' double-backward graphs take about 80 MiB: keep them for the cheapest HVPs.
+    "retain_graphs": True,
     # A probe (about ten Hessian-vector products through the LSTM) costs dozens of training
     # steps: lift smoothprof's default cap of 25% (meant for long runs), so every machine probes
     # the same steps.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -311,16 +310,3 @@ def saved_graph_bytes(model: nn.Module, loss_fn: LossFn, batch: Any, *, seed: in
     del loss, grads
     return total
 
-
-def graph_memory_budget(device: torch.device) -> int:
-    """The bytes retained double-backward graphs may take without being asked for: a quarter
-    of the device's free memory (CUDA), or of the available RAM (elsewhere; 1 GiB when the
-    system does not say)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free) // 4
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 1 << 30
-    return int(available) // 4

@@ -310,7 +310,7 @@ def test_gradient_spread_over_batches():
 
 
 def test_saved_graph_bytes_grows_with_the_batch_and_skips_the_parameters():
-    from smoothprof.objective import graph_memory_budget, saved_graph_bytes
+    from smoothprof.objective import saved_graph_bytes
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
@@ -325,4 +325,3 @@ def test_saved_graph_bytes_grows_with_the_batch_and_skips_the_parameters():
     # A loss of the parameters alone saves nothing beyond them.
     squares = lambda m, b: sum((p**2).sum() for p in m.parameters())  # noqa: E731
     assert saved_graph_bytes(model, squares, None) < 64
-    assert graph_memory_budget(torch.device("cpu")) > 0
