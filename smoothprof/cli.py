@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -34,7 +35,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from . import __version__
+from . import __version__, distributed
 from .compare import CompareError, compare_runs, comparison_as_json
 from .display import (
     ESTIMATOR_COLUMNS,
@@ -50,6 +51,7 @@ from .display import (
     to_ascii,
     training_progress,
 )
+from .distributed import Launch, launch_device, torchrun_launch
 from .fit import MIN_POINTS, EnvelopeFit, FitError, correlation_after_step, fit_envelope
 from .loading import ModelFileError, load_model_file
 from .recommend import WEAK_CORRELATION, ProfilingRun, Recommendations, recommend
@@ -58,6 +60,7 @@ from .train import (
     ESTIMATORS,
     OPTIMIZERS,
     ConfigError,
+    PreparedRun,
     RunConfig,
     StepReport,
     prepare_run,
@@ -113,14 +116,16 @@ def _error_console() -> Console:
 
 
 @contextlib.contextmanager
-def _user_errors(debug: bool) -> Iterator[None]:
-    """Turn the user's mistakes into one line on stderr and exit code 1."""
+def _user_errors(debug: bool, *, rank: int = 0) -> Iterator[None]:
+    """Turn the user's mistakes into one line on stderr and exit code 1 (ranks other than 0 of
+    a data-parallel run say which they are)."""
     try:
         yield
     except USER_ERRORS as error:
         if debug:
             raise
-        _error_console().print(f"error: {error}", markup=False)
+        where = "" if rank == 0 else f"(rank {rank}) "
+        _error_console().print(f"error: {where}{error}", markup=False)
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
@@ -340,42 +345,75 @@ def run(
     except ConfigError as error:
         raise typer.BadParameter(str(error)) from None
     output = output if output is not None else Path(model_file.stem + ".h5")
+    launch = torchrun_launch()
+    if launch is not None and launch.world_size > 1:
+        _run_distributed(launch, model_file, output, overrides, no_clip, save_model, force, debug)
+        return
     err = _error_console()
     try:
         with _user_errors(debug):
             _check_output(output, force)
-            spec = load_model_file(model_file)
-            try:
-                config = RunConfig.from_options(spec.defaults, overrides)
-            except ConfigError as error:
-                raise ModelFileError(f"{spec.path}: defaults: {error}") from None
-            if no_clip:
-                config = dataclasses.replace(config, clip=None)
+            spec, config = _load_run(model_file, overrides, no_clip)
             prepared = prepare_run(spec, config)
-            attributes = {
-                "smoothprof_version": __version__,
-                "torch_version": _torch_version(),
-                "device": str(prepared.device),
-                "model_file": str(spec.path),
-                "model_sha256": spec.sha256,
-                "config": config.as_json(),
-            }
-            num_params = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
-            err.print(
-                f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
-                f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
-                + (f", clip {config.clip:g}" if config.clip else "")
-                + f", {_schedule_text(config)} on {len(prepared.probe_batches)} batch(es), "
-                f"device {prepared.device}",
-                markup=False,
-            )
-            with TrajectoryWriter(output, attributes=attributes, overwrite=force) as writer:
+            _print_header(err, prepared)
+            with TrajectoryWriter(
+                output, attributes=_run_attributes(prepared), overwrite=force
+            ) as writer:
                 result = _train_into(writer, prepared, err, debug)
             if save_model is not None:
                 save_state_dict(prepared.model, save_model)
     except KeyboardInterrupt:
         err.print("interrupted before training started; nothing was written", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    _print_summary(output, prepared, result, save_model)
+
+
+def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tuple[Any, RunConfig]:
+    spec = load_model_file(model_file)
+    try:
+        config = RunConfig.from_options(spec.defaults, overrides)
+    except ConfigError as error:
+        raise ModelFileError(f"{spec.path}: defaults: {error}") from None
+    if no_clip:
+        config = dataclasses.replace(config, clip=None)
+    return spec, config
+
+
+def _run_attributes(prepared: PreparedRun) -> dict[str, Any]:
+    spec, config = prepared.model_file, prepared.config
+    return {
+        "smoothprof_version": __version__,
+        "torch_version": _torch_version(),
+        "device": str(prepared.device),
+        "model_file": str(spec.path),
+        "model_sha256": spec.sha256,
+        "world_size": prepared.world_size,
+        "config": {**config.as_json(), "world_size": prepared.world_size},
+    }
+
+
+def _print_header(err: Console, prepared: PreparedRun) -> None:
+    spec, config = prepared.model_file, prepared.config
+    num_params = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+    processes = ""
+    if prepared.comm is not None:
+        processes = f", {prepared.comm.world_size} processes ({prepared.comm.backend})"
+    err.print(
+        f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
+        f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
+        + (f", clip {config.clip:g}" if config.clip else "")
+        + f", {_schedule_text(config)} on {len(prepared.probe_batches)} batch(es), "
+        f"device {prepared.device}{processes}",
+        markup=False,
+    )
+
+
+def _print_summary(
+    output: Path, prepared: PreparedRun, result: Any, save_model: Path | None
+) -> None:
+    """The run's closing lines (on rank 0 only in a data-parallel run); exit 3 if it diverged."""
+    config = prepared.config
+    err = _error_console()
     console = _stdout_console(_output_width(None))
     converged = sum(r.hessian_converged for r in result.probes)
     console.print(
@@ -400,6 +438,109 @@ def run(
         )
         raise typer.Exit(EXIT_DIVERGED)
     console.print(f"next: smoothprof fit {output}", markup=False)
+
+
+class _NoFile:
+    """What ranks other than 0 write to: nothing (rank 0 alone writes the trajectory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.num_probe_rows = 0
+        self.num_train_rows = 0
+
+    def append_probe(self, row: Any) -> None:
+        pass
+
+    def append_train(self, row: Any) -> None:
+        pass
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _run_distributed(
+    launch: Launch,
+    model_file: Path,
+    output: Path,
+    overrides: dict[str, Any],
+    no_clip: bool,
+    save_model: Path | None,
+    force: bool,
+    debug: bool,
+) -> None:
+    """``smoothprof run`` as one rank of a torchrun launch: DDP training, a global probe, and
+    rank 0 alone printing and writing. The user's mistakes found before training are agreed on
+    by all ranks, so every rank exits 1 (and rank 0 says why, in one line) instead of hanging."""
+    rank0 = launch.rank == 0
+    err = _error_console() if rank0 else Console(quiet=True)
+    problem: Exception | None = None
+    spec: Any = None
+    config: RunConfig | None = None
+    try:
+        spec, config = _load_run(model_file, overrides, no_clip)
+        device = launch_device(launch, config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {config.device!r} asked for, but CUDA is not available")
+        if rank0:
+            _check_output(output, force)
+    except USER_ERRORS as error:
+        problem = error
+        device = launch_device(launch, overrides.get("device") or "auto")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            device = torch.device("cpu")
+    with distributed.process_group(device) as comm:
+        _agree_on_errors(comm, problem, debug)
+        assert spec is not None and config is not None
+        prepared: PreparedRun | None = None
+        try:
+            prepared = prepare_run(spec, config, comm=comm, device=device)
+        except USER_ERRORS as error:
+            problem = error
+        _agree_on_errors(comm, problem, debug)
+        assert prepared is not None
+        writer: Any = _NoFile(output)
+        if rank0:
+            try:
+                writer = TrajectoryWriter(
+                    output, attributes=_run_attributes(prepared), overwrite=force
+                )
+            except USER_ERRORS as error:
+                problem = error
+        _agree_on_errors(comm, problem, debug)
+        if rank0:
+            _print_header(err, prepared)
+        try:
+            with _user_errors(debug, rank=launch.rank):
+                try:
+                    result = _train_into(writer, prepared, err, debug)
+                finally:
+                    writer.close()
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        if rank0 and save_model is not None:
+            save_state_dict(prepared.model, save_model)
+    if rank0:
+        _print_summary(output, prepared, result, save_model)
+    elif result.diverged:
+        raise typer.Exit(EXIT_DIVERGED)
+
+
+def _agree_on_errors(comm: Any, problem: Exception | None, debug: bool) -> None:
+    """Exit 1 on every rank when some rank found a problem; rank 0 prints the first one."""
+    messages = comm.gather(None if problem is None else str(problem))
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if not failed:
+        return
+    if debug and problem is not None:
+        raise problem
+    rank, message = failed[0]
+    if comm.rank == 0:
+        where = "" if rank == 0 else f"(rank {rank}) "
+        _error_console().print(f"error: {where}{message}", markup=False)
+    raise typer.Exit(EXIT_USER_ERROR)
 
 
 def _schedule_text(config: RunConfig) -> str:

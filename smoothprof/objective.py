@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import Communicator, local_indices
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -109,6 +111,11 @@ class ProbeObjective:
     ``hvp_method`` is one of ``HVP_METHODS`` or ``"auto"``: the first of them that works here.
     The ``retained`` method keeps every probe batch's double-backward graph in memory at once;
     ``retain_graphs=None`` allows that for a single batch only.
+
+    With a communicator ``comm`` (several ranks), ``batches`` is the global list, the same on
+    every rank: this rank evaluates the batches i with ``i % world_size == rank`` (each still
+    seeded with ``seed + i``), and loss, gradient, spread and every HVP are summed over the ranks,
+    so every rank gets f and its derivatives over all the batches.
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class ProbeObjective:
         seed: int = 0,
         hvp_method: str = "auto",
         retain_graphs: bool | None = None,
+        comm: Communicator | None = None,
     ) -> None:
         if len(batches) == 0:
             raise ValueError("the probe objective needs at least one batch")
@@ -131,6 +139,8 @@ class ProbeObjective:
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.seed = seed
+        self.comm = comm
+        self.local_indices = local_indices(len(self.batches), comm)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameters with requires_grad=True")
@@ -168,6 +178,8 @@ class ProbeObjective:
         whatever the number of batches. With ``create_graph`` the double-backward graph is kept
         for ``retained`` HVPs, when the method and the memory allowance permit.
         """
+        if self.comm is not None:
+            return self._global_gradient(create_graph)
         keep = create_graph and self.retain_graphs and self.hvp_method in ("auto", "retained")
         total_loss = 0.0
         total: list[torch.Tensor] | None = None
@@ -190,6 +202,36 @@ class ProbeObjective:
         self._retained = mean if keep else None
         flat_mean = flatten([g.detach() for g in mean])
         return total_loss / count, flat_mean, math.sqrt(max(squares, 0.0) / count)
+
+    def _global_gradient(self, create_graph: bool) -> tuple[float, torch.Tensor, float]:
+        """``gradient()`` over the batches of every rank: sums all-reduced, Welford states
+        combined as Chan et al.'s parallel update, M2 = sum_r M2_r + sum_r n_r ||m_r - g||^2."""
+        assert self.comm is not None
+        keep = create_graph and self.retain_graphs and self.hvp_method in ("auto", "retained")
+        total_loss = 0.0
+        total = [torch.zeros_like(p) for p in self.parameters]
+        running_mean: torch.Tensor | None = None
+        squares = 0.0
+        for count, index in enumerate(self.local_indices, start=1):
+            loss, grads = self._batch_gradient(index, create_graph=keep)
+            total_loss += loss
+            total = [a + b for a, b in zip(total, grads)]
+            flat = flatten([g.detach() for g in grads])
+            if running_mean is None:
+                running_mean = flat.clone()
+                continue
+            delta = flat - running_mean
+            running_mean += delta / count
+            squares += float(torch.dot(delta, flat - running_mean))
+        count = len(self.batches)
+        local = [g / count for g in total]  # this rank's share of the mean gradient
+        self._retained = local if keep else None
+        flat_mean = self.comm.all_reduce_sum(flatten([g.detach() for g in local]).clone())
+        spread = 0.0
+        if running_mean is not None:
+            spread = len(self.local_indices) * float(torch.sum((running_mean - flat_mean) ** 2))
+        loss_sum, squares_sum = self.comm.sum_floats(total_loss, squares + spread)
+        return loss_sum / count, flat_mean, math.sqrt(max(squares_sum, 0.0) / count)
 
     def available_hvp_methods(self) -> list[str]:
         """The HVP methods this objective can try now, fastest first where each works."""
@@ -219,14 +261,30 @@ class ProbeObjective:
         raise errors[0]
 
     def hvp_with(self, method: str, vector: torch.Tensor) -> torch.Tensor:
-        """One HVP by the given method (see ``HVP_METHODS``), not counted in ``num_hvps``."""
+        """One HVP by the given method (see ``HVP_METHODS``), not counted in ``num_hvps``.
+
+        With several ranks a method that fails on one rank fails on all, so they stay in step.
+        """
+        if self.comm is None:
+            return self._local_hvp(method, vector)
+        try:
+            product, error = self._local_hvp(method, vector), None
+        except Exception as raised:  # agreed on below: every rank raises or none does
+            product, error = None, raised
+        if self.comm.any(error is not None):
+            raise error or RuntimeError(f"the HVP method {method!r} failed on another rank")
+        assert product is not None
+        return self.comm.all_reduce_sum(product)
+
+    def _local_hvp(self, method: str, vector: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the HVP: all of it in a single process."""
         pieces = unflatten(vector.to(self.parameters[0].dtype), self.parameters)
         if method == "retained":
             if self._retained is None:
                 raise RuntimeError("no retained graph: call gradient(create_graph=True) first")
             return self._grad_of_dot(self._retained, pieces, retain_graph=True)
         total: torch.Tensor | None = None
-        for index in range(len(self.batches)):
+        for index in self.local_indices:
             if method == "double-backward":
                 _, grads = self._batch_gradient(index, create_graph=True)
                 product = self._grad_of_dot(grads, pieces, retain_graph=False)
@@ -235,7 +293,10 @@ class ProbeObjective:
             else:
                 raise ValueError(f"unknown HVP method {method!r}")
             total = product if total is None else total + product
-        assert total is not None
+        if total is None:  # a rank without probe batches: its share is zero
+            if method not in HVP_METHODS:
+                raise ValueError(f"unknown HVP method {method!r}")
+            return flatten([torch.zeros_like(p) for p in self.parameters])
         return total / len(self.batches)
 
     def _forward_over_reverse(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:

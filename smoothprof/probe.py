@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import Communicator, communicator, unwrap
 from .estimators import finite_difference_smoothness, lanczos_top_eigenpair
 from .objective import (
     HVP_METHODS,
@@ -118,6 +119,8 @@ def hessian_norm(
     seed: int = 0,
     hvp_method: str = "auto",
     retain_graphs: bool | None = None,
+    distributed: bool | None = None,
+    process_group: Any = None,
 ) -> HessianNorm:
     """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over batches.
 
@@ -127,6 +130,8 @@ def hessian_norm(
     current train/eval mode unless ``mode`` ("train" or "eval") is given; ``start`` (flat) warm
     starts the solver, e.g. with a previous result's ``eigenvector``. Dropout draws one fixed mask
     per batch (seeded by ``seed``). The model and the global RNG states are left as they were.
+    In a data-parallel run (a ``DistributedDataParallel`` model, or ``distributed=True``) call it
+    on every rank with the same ``batches``: see ``Probe`` for how they are shared.
 
     >>> import torch
     >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -140,6 +145,7 @@ def hessian_norm(
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    model, comm = _model_and_communicator(model, distributed, process_group)
     parameters = trainable_parameters(model)
     if not parameters:
         raise ValueError("the model has no parameters with requires_grad=True")
@@ -153,11 +159,27 @@ def hessian_norm(
             seed=seed,
             hvp_method=hvp_method,
             retain_graphs=retain_graphs,
+            comm=comm,
         )
         objective.gradient(create_graph=True)
         result = _top_eigenpair(objective, start, rtol=rtol, max_hvps=max_hvps, seed=seed)
         objective.release()
     return result
+
+
+def _model_and_communicator(
+    model: nn.Module, distributed: bool | None, process_group: Any
+) -> tuple[nn.Module, Communicator | None]:
+    """The module to evaluate (inside a DDP wrapper) and the ranks to sum over (None: this
+    process alone). ``distributed=None`` means: when the model is DDP-wrapped."""
+    module, ddp_group = unwrap(model)
+    if distributed is None:
+        distributed = module is not model or process_group is not None
+    if not distributed:
+        return module, None
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ValueError("distributed probing needs torch.distributed.init_process_group() first")
+    return module, communicator(process_group if process_group is not None else ddp_group)
 
 
 def _top_eigenpair(
@@ -268,6 +290,15 @@ class Probe:
     probe always runs. ``hvp_method`` is one of ``objective.HVP_METHODS`` or "auto" (the fastest
     that works, timed at the first probe); ``retain_graphs`` allows the "retained" method to
     keep every probe batch's graph at once (default: only for a single batch).
+
+    In a data-parallel loop, give every rank the same ``batches`` (the global probe batches) and
+    the ``DistributedDataParallel`` model (or the plain module with ``distributed=True`` and,
+    optionally, a ``process_group``): each rank evaluates the batches i with
+    ``i % world_size == rank``, and losses, gradients, HVPs and finite differences are summed over
+    the ranks, so every rank measures f over all the batches, as one process would. The probe
+    evaluates the module inside the wrapper, so DDP's hooks and buffer broadcasts do not run.
+    Call it on every rank at the same steps; decisions that depend on a clock (the overhead cap,
+    timing HVP methods) are rank 0's. ``on_record`` is called on every rank; write on one.
     """
 
     def __init__(
@@ -288,6 +319,8 @@ class Probe:
         hvp_method: str = "auto",
         retain_graphs: bool | None = None,
         on_record: Callable[[ProbeRecord], None] | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         unknown = sorted(set(estimators) - set(ESTIMATORS))
         if unknown:
@@ -300,7 +333,7 @@ class Probe:
             raise ValueError(f"hvp_method must be 'auto' or one of {HVP_METHODS}")
         if max_overhead is not None and max_overhead < 0:
             raise ValueError(f"max_overhead must be >= 0, got {max_overhead}")
-        self.model = model
+        self.model, self.comm = _model_and_communicator(model, distributed, process_group)
         self.loss_fn = loss_fn
         self.batches = list(batches)
         if not self.batches:
@@ -337,7 +370,10 @@ class Probe:
             return False
         if self.max_overhead is not None and self.records:
             training_seconds = now - self._started - self.probe_seconds
-            if self.probe_seconds > self.max_overhead * training_seconds:
+            over = self.probe_seconds > self.max_overhead * training_seconds
+            if self.comm is not None:
+                over = self.comm.from_rank0(over)  # rank 0's clock decides for all
+            if over:
                 self.skipped += 1
                 return False
         return True
@@ -360,6 +396,7 @@ class Probe:
             seed=self.seed,
             hvp_method=self.hvp_method,
             retain_graphs=self.retain_graphs,
+            comm=self.comm,
         )
 
     def before_step(self, step: int) -> None:
@@ -419,6 +456,8 @@ class Probe:
             else:
                 return "retained"
         method, self.hvp_timings = fastest_hvp_method(objective, direction)
+        if self.comm is not None:  # rank 0's timings decide for all
+            method, self.hvp_timings = self.comm.from_rank0((method, self.hvp_timings))
         return method
 
     def after_step(self, *, update_made: bool = True) -> ProbeRecord:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import Communicator, shard_dataloader
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import HVP_METHODS, trainable_parameters
 from .probe import (
@@ -268,11 +269,28 @@ class PreparedRun:
     loader: Any
     probe_batches: list[Any]
     optimizer: torch.optim.Optimizer
+    comm: Communicator | None = None
+    train_model: torch.nn.Module | None = None  # the DDP wrapper that training goes through
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.comm is None else self.comm.world_size
 
 
-def prepare_run(model_file: ModelFile, config: RunConfig) -> PreparedRun:
-    """Seed, build the model and data, draw the probe batches, and check the loss on them."""
-    device = resolve_device(config.device)
+def prepare_run(
+    model_file: ModelFile,
+    config: RunConfig,
+    *,
+    comm: Communicator | None = None,
+    device: torch.device | None = None,
+) -> PreparedRun:
+    """Seed, build the model and data, draw the probe batches, and check the loss on them.
+
+    With a communicator (a data-parallel run), every rank builds the same model and draws the
+    same probe batches; training goes through a ``DistributedDataParallel`` wrapper and each rank
+    iterates its share of the data (``distributed.shard_dataloader``).
+    """
+    device = resolve_device(config.device) if device is None else device
     seed_everything(config.seed)
     model = instantiate_model(model_file).to(device)
     model.train()
@@ -284,7 +302,18 @@ def prepare_run(model_file: ModelFile, config: RunConfig) -> PreparedRun:
         ]
         check_loss(model_file, model, probe_batches[0])
     optimizer = make_optimizer(config, trainable_parameters(model))
-    return PreparedRun(model_file, config, device, model, loader, probe_batches, optimizer)
+    train_model = model
+    if comm is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
+        train_model = DistributedDataParallel(
+            model, device_ids=device_ids, process_group=comm.group
+        )
+        loader = shard_dataloader(loader, comm, seed=config.seed)
+    return PreparedRun(
+        model_file, config, device, model, loader, probe_batches, optimizer, comm, train_model
+    )
 
 
 def train(
@@ -300,10 +329,11 @@ def train(
     step is recorded, no update is made).
     """
     config, model, model_file = run.config, run.model, run.model_file
+    train_model = run.train_model if run.train_model is not None else model
     parameters = trainable_parameters(model)
     result = RunResult()
     probe = Probe(
-        model,
+        train_model,
         model_file.call_loss,
         run.probe_batches,
         schedule=probe_schedule(config),
@@ -317,6 +347,8 @@ def train(
         mode=config.probe_mode,
         seed=config.seed,
         on_record=on_probe,
+        distributed=run.comm is not None,
+        process_group=None if run.comm is None else run.comm.group,
     )
     started = time.perf_counter()
     batches = _cycle(model_file, run.loader)
@@ -326,10 +358,12 @@ def train(
         if probed:
             probe.before_step(step)
         run.optimizer.zero_grad(set_to_none=True)
-        loss_tensor = model_file.call_loss(model, batch)
+        loss_tensor = model_file.call_loss(train_model, batch)
         model_file.backward(loss_tensor)
         loss = float(loss_tensor.detach())
-        norm = gradient_norm(parameters, config.clip)
+        if run.comm is not None:  # the global minibatch loss: the mean over the ranks
+            loss = run.comm.sum_floats(loss)[0] / run.comm.world_size
+        norm = gradient_norm(parameters, config.clip)  # DDP averaged the gradients: global
         finite = math.isfinite(loss) and math.isfinite(norm)
         if finite:
             run.optimizer.step()
