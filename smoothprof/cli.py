@@ -593,7 +593,12 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
             f"the run stopped at step {steps_done}; the {writer.num_probe_rows} probe rows "
             f"measured before are in {writer.path}"
         )
+        if isinstance(writer, _NoFile):  # a rank other than 0: its rank 0 says where the file is
+            where = f"the run stopped at step {steps_done}"
         message = str(error) if isinstance(error, USER_ERRORS) else _one_line_error(error)
+        if prepared.comm is not None and _lost_another_rank(error):
+            message = "another process of the run stopped (its error is above)"
+            error = ConfigError(message)  # not the model file's fault: no file name, no traceback
         writer.set_attribute("error", message)
         try:
             writer.close()
@@ -611,6 +616,19 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
     if result.diverged:
         writer.set_attribute("diverged_at_step", result.diverged_at)
     return result
+
+
+def _lost_another_rank(error: BaseException) -> bool:
+    """Whether a collective failed because another rank of a data-parallel run went away."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, torch.distributed.DistError) or any(
+            phrase in text for phrase in ("closed by peer", "reset by peer", "remote worker")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _one_line_error(error: BaseException) -> str:
