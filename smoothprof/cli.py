@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -522,6 +523,9 @@ def _run_distributed(
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if rank0 and save_model is not None:
             save_state_dict(prepared.model, save_model)
+        # DDP holds the process group: freed at interpreter exit, gloo's threads can abort
+        prepared.train_model = None
+        gc.collect()
     if rank0:
         _print_summary(output, prepared, result, save_model)
     elif result.diverged:
@@ -540,6 +544,7 @@ def _agree_on_errors(comm: Any, problem: Exception | None, debug: bool) -> None:
     if comm.rank == 0:
         where = "" if rank == 0 else f"(rank {rank}) "
         _error_console().print(f"error: {where}{message}", markup=False)
+    comm.barrier()  # every rank done before any tears the group down
     raise typer.Exit(EXIT_USER_ERROR)
 
 

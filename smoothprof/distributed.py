@@ -70,7 +70,9 @@ def process_group(device: torch.device) -> Iterator[Communicator]:
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
     try:
-        yield Communicator(None, dist.get_rank(), dist.get_world_size(), backend)
+        comm = Communicator(None, dist.get_rank(), dist.get_world_size(), backend)
+        yield comm
+        comm.barrier()  # every rank done before any tears the group down (else gloo may abort)
     finally:
         dist.destroy_process_group()
 
@@ -100,6 +102,10 @@ class Communicator:
         """Sums over the ranks of a few numbers, in float64."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         return [float(v) for v in self.all_reduce_sum(tensor).cpu()]
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        dist.barrier(group=self.group)
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank: all ranks agree."""

@@ -1,0 +1,76 @@
+"""Runs the README's data-parallel loop under torchrun (any number of processes, gloo, CPU).
+
+``torchrun --standalone --nproc_per_node N ddp_readme_loop.py`` in an empty directory writes
+``traj.h5`` (the README's code, on rank 0) and ``result.json`` (Hessian norms at the end, from
+rank 0). Whatever N, the global batch of every step and the probe batches are the same, so the
+probe values must be the same as with N = 1 up to float32 round-off. The model trains in eval
+mode (no dropout draws, so every N trains alike) while the probe evaluates it in train mode, with
+the dropout masks it seeds per global probe batch.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import smoothprof
+
+torch.set_num_threads(1)
+README = Path(__file__).resolve().parents[2] / "README.md"
+section = README.read_text().split("## Several GPUs or nodes", 1)[1]
+code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+
+torch.manual_seed(0)
+x = torch.randn(21 * 32, 5)
+y = (x[:, 0] + x[:, 1] ** 2 > 0.5).long()
+model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 2))
+model.eval()  # training without dropout draws; the probe sets train mode itself
+probe_x = torch.randn(3 * 8, 5)
+probe_y = (probe_x[:, 0] > 0).long()
+probe_batches = [(probe_x[i : i + 8], probe_y[i : i + 8]) for i in range(0, 24, 8)]
+
+
+def loss_fn(m, batch):
+    return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+
+class RankShare:
+    """This rank's rows of each global batch of 32 (the launch is known once the loop runs)."""
+
+    def __iter__(self):
+        rank, size = dist.get_rank(), dist.get_world_size()
+        share = 32 // size
+        for start in range(0, len(x), 32):
+            rows = slice(start + rank * share, start + (rank + 1) * share)
+            yield x[rows], y[rows]
+
+
+namespace = {
+    "smoothprof": smoothprof,
+    "model": model,
+    "loss_fn": loss_fn,
+    "probe_batches": probe_batches,
+    "loader": RankShare(),  # 21 steps: probes at 0, 10, 20
+    "optimizer": torch.optim.SGD(model.parameters(), lr=0.5),
+}
+code = code.replace("dist.destroy_process_group()", "")  # still needed below
+exec(compile(code, "README.md", "exec"), namespace)
+
+ddp_model = namespace["ddp_model"]
+results = {}
+for name, batches in (("one_batch", probe_batches[:1]), ("all_batches", probe_batches)):
+    result = smoothprof.hessian_norm(ddp_model, loss_fn, batches, mode="train")
+    results[name] = [result.value, result.eigenvalue, result.num_hvps, result.converged]
+parameters = [p.detach().clone() for p in model.parameters()]
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, parameters)
+results["ranks_agree"] = all(
+    all(torch.equal(a, b) for a, b in zip(gathered[0], other)) for other in gathered
+)
+if dist.get_rank() == 0:
+    Path(sys.argv[1] if len(sys.argv) > 1 else "result.json").write_text(json.dumps(results))
+dist.destroy_process_group()
