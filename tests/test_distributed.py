@@ -6,6 +6,7 @@ other runs) as a subprocess with one thread per rank, so it also proves the READ
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,9 +42,24 @@ def torchrun(nproc, *args, cwd, timeout=120):
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", str(nproc), *map(str, args)]
-    return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    # A session of its own: on a timeout (ranks out of step wait forever) the launcher and its
+    # ranks are killed together.
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"torchrun {' '.join(map(str, args))} hung for {timeout} s")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def assert_close(a, b, rtol=RTOL):
@@ -78,6 +94,20 @@ def test_readme_loop_in_two_processes_measures_what_one_process_does(tmp_path):
         assert_close(two_result[name][:2], one_result[name][:2])
         assert two_result[name][3]
     assert two_result["ranks_agree"]
+
+
+def test_ranks_that_would_decide_differently_stay_in_step(tmp_path):
+    """An HVP method failing on rank 1 only is dropped on both; rank 0's clock decides the cap.
+    Without either agreement the ranks wait for each other forever (checked by removing it)."""
+    done = torchrun(
+        2, ASSETS / "ddp_agreement.py", tmp_path / "seen.json", cwd=tmp_path, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    rank0, rank1 = json.loads((tmp_path / "seen.json").read_text())
+    assert rank0 == rank1
+    assert rank0["method"] == "double-backward"  # forward-over-reverse failed on rank 1
+    assert "forward-over-reverse" not in rank0["timings"]
+    assert rank0["steps"] == [0] and rank0["skipped"] == 5  # rank 0 trains fast: over the cap
 
 
 MODEL = """
