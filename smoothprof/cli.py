@@ -325,6 +325,10 @@ def run(
     Options not given on the command line come from the file's `defaults` dict, then from the
     defaults shown here. Exit codes: 0 done, 1 a problem with the model file, 2 bad usage,
     3 the run diverged (non-finite loss or gradient; rows so far are kept), 130 Ctrl-C.
+
+    Started by torchrun (`torchrun --nproc_per_node N -m smoothprof run ...`), every process
+    trains its share of the data with DistributedDataParallel, the probe measures over all the
+    probe batches, and rank 0 alone prints and writes the file.
     """
     overrides: dict[str, Any] = {
         "steps": steps, "lr": lr, "optimizer": optimizer, "clip": clip,

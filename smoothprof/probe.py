@@ -145,7 +145,7 @@ def hessian_norm(
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
-    model, comm = _model_and_communicator(model, distributed, process_group)
+    model, comm = _model_and_communicator(model, distributed, process_group, mode)
     parameters = trainable_parameters(model)
     if not parameters:
         raise ValueError("the model has no parameters with requires_grad=True")
@@ -168,7 +168,7 @@ def hessian_norm(
 
 
 def _model_and_communicator(
-    model: nn.Module, distributed: bool | None, process_group: Any
+    model: nn.Module, distributed: bool | None, process_group: Any, mode: str | None
 ) -> tuple[nn.Module, Communicator | None]:
     """The module to evaluate (inside a DDP wrapper) and the ranks to sum over (None: this
     process alone). ``distributed=None`` means: when the model is DDP-wrapped."""
@@ -179,7 +179,19 @@ def _model_and_communicator(
         return module, None
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise ValueError("distributed probing needs torch.distributed.init_process_group() first")
-    return module, communicator(process_group if process_group is not None else ddp_group)
+    comm = communicator(process_group if process_group is not None else ddp_group)
+    in_train_mode = mode == "train" or (mode is None and module.training)
+    if (
+        comm is not None
+        and in_train_mode
+        and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+    ):
+        # Its forward is a collective, and the ranks evaluate different numbers of probe batches.
+        raise ValueError(
+            "the distributed probe cannot evaluate SyncBatchNorm in train mode; "
+            "probe in eval mode (mode='eval', --probe-mode eval)"
+        )
+    return module, comm
 
 
 def _top_eigenpair(
@@ -333,7 +345,7 @@ class Probe:
             raise ValueError(f"hvp_method must be 'auto' or one of {HVP_METHODS}")
         if max_overhead is not None and max_overhead < 0:
             raise ValueError(f"max_overhead must be >= 0, got {max_overhead}")
-        self.model, self.comm = _model_and_communicator(model, distributed, process_group)
+        self.model, self.comm = _model_and_communicator(model, distributed, process_group, mode)
         self.loss_fn = loss_fn
         self.batches = list(batches)
         if not self.batches:
