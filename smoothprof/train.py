@@ -287,8 +287,9 @@ def prepare_run(
     """Seed, build the model and data, draw the probe batches, and check the loss on them.
 
     With a communicator (a data-parallel run), every rank builds the same model and draws the
-    same probe batches; training goes through a ``DistributedDataParallel`` wrapper and each rank
-    iterates its share of the data (``distributed.shard_dataloader``).
+    same probe batches; training goes through a ``DistributedDataParallel`` wrapper, each rank
+    iterates its share of the data (``distributed.shard_dataloader``), and the global random
+    generators of rank r continue from ``seed + r``.
     """
     device = resolve_device(config.device) if device is None else device
     seed_everything(config.seed)
@@ -311,6 +312,9 @@ def prepare_run(
             model, device_ids=device_ids, process_group=comm.group
         )
         loader = shard_dataloader(loader, comm, seed=config.seed)
+        # Each rank draws its own dropout masks (and its loader workers' seeds), as the rows of
+        # one big batch would; the model is built and the data split alike on every rank.
+        seed_everything(config.seed + comm.rank)
     return PreparedRun(
         model_file, config, device, model, loader, probe_batches, optimizer, comm, train_model
     )
