@@ -8,9 +8,12 @@ mode (no dropout draws, so every N trains alike) while the probe evaluates it in
 the dropout masks it seeds per global probe batch.
 """
 
+import functools
+import gc
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -49,8 +52,16 @@ class RankShare:
             yield x[rows], y[rows]
 
 
+# The README's code as written, with two of the probe's options pinned so that both launches
+# compute alike: the HVP method (auto would time the methods, and a loaded machine may pick
+# another) and a tolerance no Lanczos run reaches, so each runs its full 100 HVPs instead of
+# stopping at an iteration that round-off could move.
+pinned = types.SimpleNamespace(
+    Probe=functools.partial(smoothprof.Probe, hvp_method="double-backward", rtol=1e-12),
+    TrajectoryWriter=smoothprof.TrajectoryWriter,
+)
 namespace = {
-    "smoothprof": smoothprof,
+    "smoothprof": pinned,
     "model": model,
     "loss_fn": loss_fn,
     "probe_batches": probe_batches,
@@ -63,7 +74,9 @@ exec(compile(code, "README.md", "exec"), namespace)
 ddp_model = namespace["ddp_model"]
 results = {}
 for name, batches in (("one_batch", probe_batches[:1]), ("all_batches", probe_batches)):
-    result = smoothprof.hessian_norm(ddp_model, loss_fn, batches, mode="train")
+    result = smoothprof.hessian_norm(
+        ddp_model, loss_fn, batches, mode="train", hvp_method="double-backward", rtol=1e-12
+    )
     results[name] = [result.value, result.eigenvalue, result.num_hvps, result.converged]
 parameters = [p.detach().clone() for p in model.parameters()]
 gathered = [None] * dist.get_world_size()
@@ -73,4 +86,7 @@ results["ranks_agree"] = all(
 )
 if dist.get_rank() == 0:
     Path(sys.argv[1] if len(sys.argv) > 1 else "result.json").write_text(json.dumps(results))
+del ddp_model, namespace  # the DDP wrapper holds the group: freed now, not at interpreter exit
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
