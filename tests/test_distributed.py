@@ -88,7 +88,6 @@ def test_readme_loop_in_two_processes_measures_what_one_process_does(tmp_path):
         assert_close(two.probes[column], one.probes[column])
     assert np.isfinite(two.probes["smoothness_fd"]).all()
     assert two.probes["hessian_converged"].all()
-    assert_close(two.train["loss"], one.train["loss"])
     # hessian_norm on one batch (rank 1 evaluates none) and on three (ranks 2 and 1)
     for name in ("one_batch", "all_batches"):
         assert_close(two_result[name][:2], one_result[name][:2])
