@@ -542,13 +542,13 @@ def _agree_on_errors(comm: Any, problem: Exception | None, debug: bool) -> None:
     failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
     if not failed:
         return
-    if debug and problem is not None:
-        raise problem
     rank, message = failed[0]
-    if comm.rank == 0:
+    if comm.rank == 0 and not debug:
         where = "" if rank == 0 else f"(rank {rank}) "
         _error_console().print(f"error: {where}{message}", markup=False)
     comm.barrier()  # every rank done before any tears the group down
+    if debug and problem is not None:
+        raise problem
     raise typer.Exit(EXIT_USER_ERROR)
 
 
