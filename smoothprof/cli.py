@@ -496,6 +496,33 @@ def _run_distributed(
         device = launch_device(launch, overrides.get("device") or "auto")
         if device.type == "cuda" and not torch.cuda.is_available():
             device = torch.device("cpu")
+    try:
+        prepared, result = _train_distributed(
+            launch, device, spec, config, problem, output, save_model, force, debug, err
+        )
+    except KeyboardInterrupt:
+        err.print("interrupted before training started; nothing was written", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if rank0:
+        _print_summary(output, prepared, result, save_model)
+    elif result.diverged:
+        raise typer.Exit(EXIT_DIVERGED)
+
+
+def _train_distributed(
+    launch: Launch,
+    device: torch.device,
+    spec: Any,
+    config: RunConfig | None,
+    problem: Exception | None,
+    output: Path,
+    save_model: Path | None,
+    force: bool,
+    debug: bool,
+    err: Console,
+) -> tuple[PreparedRun, Any]:
+    """Join the process group, agree on errors, prepare, and train; rank 0 writes."""
+    rank0 = launch.rank == 0
     with distributed.process_group(device) as comm:
         _agree_on_errors(comm, problem, debug)
         assert spec is not None and config is not None
@@ -523,17 +550,14 @@ def _run_distributed(
                     result = _train_into(writer, prepared, err, debug)
                 finally:
                     writer.close()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # _train_into has said where the rows are
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if rank0 and save_model is not None:
             save_state_dict(prepared.model, save_model)
         # DDP holds the process group: freed at interpreter exit, gloo's threads can abort
         prepared.train_model = None
         gc.collect()
-    if rank0:
-        _print_summary(output, prepared, result, save_model)
-    elif result.diverged:
-        raise typer.Exit(EXIT_DIVERGED)
+    return prepared, result
 
 
 def _agree_on_errors(comm: Any, problem: Exception | None, debug: bool) -> None:
