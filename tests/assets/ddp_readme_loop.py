@@ -54,8 +54,9 @@ class RankShare:
 
 # The README's code as written, with two of the probe's options pinned so that both launches
 # compute alike: the HVP method (auto would time the methods, and a loaded machine may pick
-# another) and a tolerance no Lanczos run reaches, so each runs its full 100 HVPs instead of
-# stopping at an iteration that round-off could move.
+# another) and a tolerance that round-off keeps Lanczos from certifying, so it runs until the
+# Krylov space is exhausted (about 20 HVPs here) instead of stopping at an iteration that
+# round-off could move.
 pinned = types.SimpleNamespace(
     Probe=functools.partial(smoothprof.Probe, hvp_method="double-backward", rtol=1e-12),
     TrajectoryWriter=smoothprof.TrajectoryWriter,
