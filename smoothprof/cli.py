@@ -1016,8 +1016,24 @@ def fit(
         parts.append(Text.from_ansi(figure) if color else Text(figure))
     model_files = {str(t.attributes.get("model_file", "")) for t in trajectories}
     model_file = _shown_path(model_files.pop()) if len(model_files) == 1 else ""
-    parts.append(recommendations_view(recs, ascii_only=ascii_only, model_file=model_file or None))
+    world_sizes = {_world_size(t) for t in trajectories}
+    parts.append(
+        recommendations_view(
+            recs,
+            ascii_only=ascii_only,
+            model_file=model_file or None,
+            world_size=world_sizes.pop() if len(world_sizes) == 1 else 1,
+        )
+    )
     _emit(out_width, ascii_only, *parts)
+
+
+def _world_size(trajectory: Trajectory) -> int:
+    """The processes that ran the profile (1 for files from before the attribute)."""
+    try:
+        return max(1, int(trajectory.attributes.get("world_size", 1)))
+    except (TypeError, ValueError):
+        return 1
 
 
 @app.command()

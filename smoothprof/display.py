@@ -402,9 +402,11 @@ def fit_summary(
     return table
 
 
-def sweep_commands(model_file: str, recs: Recommendations) -> list[str]:
+def sweep_commands(model_file: str, recs: Recommendations, *, world_size: int = 1) -> list[str]:
     """The ``smoothprof run`` commands of the clipped sweep around the headline, and the
-    ``smoothprof compare`` that judges them; none when the headline does not clip.
+    ``smoothprof compare`` that judges them; none when the headline does not clip. A profile of
+    ``world_size`` > 1 processes gets its runs under torchrun with as many: the lr belongs to
+    that global batch.
 
     >>> from smoothprof.fit import fit_envelope
     >>> from smoothprof.recommend import ProfilingRun, recommend
@@ -420,8 +422,9 @@ def sweep_commands(model_file: str, recs: Recommendations) -> list[str]:
     clip = recs.headline.clip_threshold
     if clip is None or not recs.sweep_lrs:
         return []
+    launcher = f"torchrun --nproc_per_node {world_size} -m " if world_size > 1 else ""
     commands = [
-        f"smoothprof run {model_file} --clip {clip:.6g} --lr {lr:.3g} --probe-every 0 "
+        f"{launcher}smoothprof run {model_file} --clip {clip:.6g} --lr {lr:.3g} --probe-every 0 "
         f"-o clip_lr{lr:.3g}.h5"
         for lr in recs.sweep_lrs
     ]
@@ -429,7 +432,11 @@ def sweep_commands(model_file: str, recs: Recommendations) -> list[str]:
 
 
 def recommendations_view(
-    recs: Recommendations, *, ascii_only: bool = False, model_file: str | None = None
+    recs: Recommendations,
+    *,
+    ascii_only: bool = False,
+    model_file: str | None = None,
+    world_size: int = 1,
 ) -> Group:
     """Every supported rule, the headline explained, warnings and caveats, the commands of the
     clipped sweep (with ``model_file``), then the headline as ready-to-paste PyTorch."""
@@ -455,7 +462,7 @@ def recommendations_view(
     lines = [_text(assumptions_text(recs.rules), ascii_only), _text(recs.explanation, ascii_only)]
     lines += [_text(f"warning: {w}", ascii_only, style="yellow") for w in recs.warnings]
     lines += [_text(f"note: {c}", ascii_only, style="dim") for c in recs.caveats]
-    commands = sweep_commands(model_file, recs) if model_file else []
+    commands = sweep_commands(model_file, recs, world_size=world_size) if model_file else []
     if commands:
         lines.append(
             _text(

@@ -341,7 +341,11 @@ def report_html(
     caveats = "".join(f'<li class="caveat">{html.escape(c)}</li>' for c in recs.caveats)
     skipped = f" Probes before step {skip_steps} were left out." if skip_steps else ""
     label = ESTIMATOR_LABELS.get(estimator, estimator)
-    commands = sweep_commands(str(trajectory.attributes.get("model_file") or "MODEL.py"), recs)
+    commands = sweep_commands(
+        str(trajectory.attributes.get("model_file") or "MODEL.py"),
+        recs,
+        world_size=int(trajectory.attributes.get("world_size", 1) or 1),
+    )
     sweep = (
         "<p>The clipped sweep to tune it (add your fixed-step runs to the compare):</p>"
         f"<pre>{html.escape(chr(10).join(commands))}</pre>"

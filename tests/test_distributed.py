@@ -249,3 +249,16 @@ def test_other_iterables_are_strided_whatever_the_model_draws():
         assert len(batches) == 3
         seen.append(torch.cat(batches).tolist())
     assert sorted(seen[0] + seen[1]) == list(range(12))
+
+
+def test_the_fit_suggests_its_sweep_under_torchrun_for_a_data_parallel_profile():
+    from smoothprof.display import sweep_commands
+    from smoothprof.fit import fit_envelope
+    from smoothprof.recommend import ProfilingRun, recommend
+
+    fit = fit_envelope([0.2, 0.5, 1.0, 2.0], [1.2, 1.5, 2.0, 3.0], num_bootstrap=0)
+    recs = recommend(fit, profile=ProfilingRun(lr=1))
+    commands = sweep_commands("model.py", recs, world_size=4)
+    assert commands[0].startswith("torchrun --nproc_per_node 4 -m smoothprof run model.py --clip")
+    assert commands[-1] == "smoothprof compare clip_lr*.h5"
+    assert sweep_commands("model.py", recs)[0].startswith("smoothprof run model.py")
