@@ -226,7 +226,7 @@ class ProbeObjective:
         count = len(self.batches)
         local = [g / count for g in total]  # this rank's share of the mean gradient
         self._retained = local if keep else None
-        flat_mean = self.comm.all_reduce_sum(flatten([g.detach() for g in local]).clone())
+        flat_mean = self.comm.all_reduce_sum(flatten([g.detach() for g in local]))
         spread = 0.0
         if running_mean is not None:
             spread = len(self.local_indices) * float(torch.sum((running_mean - flat_mean) ** 2))
