@@ -208,6 +208,10 @@ class ProbeObjective:
         combined as Chan et al.'s parallel update, M2 = sum_r M2_r + sum_r n_r ||m_r - g||^2."""
         assert self.comm is not None
         keep = create_graph and self.retain_graphs and self.hvp_method in ("auto", "retained")
+        if create_graph:
+            # Every rank keeps its graphs or none does: the ranks must offer the same HVP
+            # methods, whatever each decides from its own memory.
+            keep = not self.comm.any(not keep)
         total_loss = 0.0
         total = [torch.zeros_like(p) for p in self.parameters]
         running_mean: torch.Tensor | None = None
