@@ -374,4 +374,3 @@ def saved_graph_bytes(model: nn.Module, loss_fn: LossFn, batch: Any, *, seed: in
         grads = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
     del loss, grads
     return total
-
