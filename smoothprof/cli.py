@@ -257,8 +257,8 @@ def run(
         float | None,
         typer.Option(
             envvar="SMOOTHPROF_MAX_OVERHEAD",
-            help="Skip due probes while probing took more than this fraction of the training "
-            "time (inf: never skip) [default: 0.25].",
+            help="Skip a due probe when it would take probing over this fraction of the "
+            "training time (inf: never skip) [default: 0.25].",
         ),
     ] = None,
     hvp_method: Annotated[

@@ -297,11 +297,12 @@ class Probe:
     the train/eval mode the probe objective is evaluated in ("train" as the paper's code,
     "eval", or None for the model's own mode at the time). ``schedule`` (a function of the step,
     e.g. ``log_spaced_steps()``) overrides ``every``. ``max_overhead`` (e.g. 0.25) skips a due
-    probe while the time spent probing exceeds that fraction of the time spent training, so a
-    run takes at most about (1 + max_overhead) times as long as without probes; the first due
-    probe always runs. ``hvp_method`` is one of ``objective.HVP_METHODS`` or "auto" (the fastest
-    that works, timed at the first probe); ``retain_graphs`` allows the "retained" method to
-    keep every probe batch's graph at once (default: only for a single batch).
+    probe when it would take the time spent probing (counting it at the last probe's cost) over
+    that fraction of the time spent training, so a run takes at most about (1 + max_overhead)
+    times as long as without probes; the first due probe always runs. ``hvp_method`` is one of
+    ``objective.HVP_METHODS`` or "auto" (the fastest that works, timed at the first probe);
+    ``retain_graphs`` allows the "retained" method to keep every probe batch's graph at once
+    (default: only for a single batch).
 
     In a data-parallel loop, give every rank the same ``batches`` (the global probe batches) and
     the ``DistributedDataParallel`` model (or the plain module with ``distributed=True`` and,
@@ -382,7 +383,9 @@ class Probe:
             return False
         if self.max_overhead is not None and self.records:
             training_seconds = now - self._started - self.probe_seconds
-            over = self.probe_seconds > self.max_overhead * training_seconds
+            # Would this probe, costing what the last one did, take probing over the budget?
+            expected = self.probe_seconds + self.records[-1].seconds
+            over = expected > self.max_overhead * training_seconds
             if self.comm is not None:
                 over = self.comm.from_rank0(over)  # rank 0's clock decides for all
             if over:

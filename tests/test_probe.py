@@ -11,7 +11,7 @@ from torch import nn
 
 from smoothprof import Probe, hessian_norm
 from smoothprof.objective import HVP_METHODS, ProbeObjective, flatten
-from smoothprof.probe import every_k_steps, fastest_hvp_method, log_spaced_steps
+from smoothprof.probe import ProbeRecord, every_k_steps, fastest_hvp_method, log_spaced_steps
 
 
 @pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
@@ -293,6 +293,28 @@ def test_overhead_cap_skips_due_probes_but_not_the_first():
             optimizer.step()
     assert [r.step for r in probe.records] == [0]
     assert probe.skipped == 4
+
+
+def test_overhead_cap_counts_the_next_probe_at_the_last_ones_cost():
+    import dataclasses
+    import time
+
+    _, model, loss_fn, batches = small_models()[0]
+    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.25)
+    nan = float("nan")
+    last = ProbeRecord(0, 1.0, 1.0, nan, nan, nan, nan, nan, 0, False, seconds=1.0)
+    probe.records.append(last)
+    probe.probe_seconds = 1.0
+    # 5 s of training allow 1.25 s of probing: 1 s spent + 1 s expected is over, so skip.
+    probe._started = time.perf_counter() - 6.0
+    assert not probe.is_due(1) and probe.skipped == 1
+    # 9 s of training allow 2.25 s: the next probe fits.
+    probe._started = time.perf_counter() - 10.0
+    assert probe.is_due(2)
+    # A cheap last probe fits where an expensive one did not.
+    probe.records[-1] = dataclasses.replace(last, seconds=0.1)
+    probe._started = time.perf_counter() - 6.0
+    assert probe.is_due(3)
 
 
 def test_gradient_spread_over_batches():
