@@ -1,6 +1,6 @@
 """How fast and how exact the probe is, measured side by side in one run.
 
-    python benchmarks/probe_speed.py [--quick] [--markdown]
+    python benchmarks/probe_speed.py [--quick] [--markdown] [--tables hvp,eigen,warm,overhead]
 
 Prints four tables:
 
@@ -11,7 +11,8 @@ Prints four tables:
    the ``retained`` method, per probe batch.
 2. Top eigenvalue to rtol 1e-3: smoothprof's Lanczos (residual-certified) against power iteration
    with PyHessian's stopping rule, and PyHessian itself (``pip install pyhessian==0.1``; the
-   column is skipped when it is not installed): HVPs, wall time and the relative error against
+   column is skipped when it is not installed): HVPs, wall time (the median of 3 solves after
+   an untimed one) and the relative error against
    a reference eigenvalue (Lanczos to rtol 1e-9). PyHessian forces eval mode, so all solvers
    here measure the eval-mode Hessian.
 3. Warm start: mean HVPs per probe along a training run, probing every 5 steps: in its first
@@ -114,14 +115,16 @@ def models(quick: bool) -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.
     ]  # fmt: skip
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm-up
+def median_timed(work: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """The median wall time of ``repeats`` calls after one untimed warm-up call (the first call
+    pays one-time costs: allocations, lazy initialization), and the last call's result."""
+    result = work()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        work()
+        result = work()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def hvp_costs(quick: bool) -> list[list[str]]:
@@ -135,7 +138,7 @@ def hvp_costs(quick: bool) -> list[list[str]]:
             return torch.autograd.grad(cross_entropy(model, batch), parameters)
 
         with preserved_rng(), double_backward_backends(torch.device("cpu")):
-            gradient_seconds = median_seconds(gradient, repeats)
+            gradient_seconds = median_timed(gradient, repeats)[0]
             objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
             objective.gradient(create_graph=True)
             vector = torch.randn(sum(p.numel() for p in parameters))
@@ -148,7 +151,7 @@ def hvp_costs(quick: bool) -> list[list[str]]:
             ]
             for method in HVP_METHODS:
                 try:
-                    seconds = median_seconds(
+                    seconds, _ = median_timed(
                         lambda m=method: objective.hvp_with(m, vector), repeats
                     )
                 except Exception as error:
@@ -174,30 +177,34 @@ def eigen_accuracy(quick: bool) -> list[list[str]]:
             return f"{abs(abs(value) - abs(reference)) / abs(reference):.1e}"
 
         cells = [name, f"{reference:.4g}"]
+        repeats = 1 if quick else 3
         with double_backward_backends(torch.device("cpu")):
             for solver in (lanczos_top_eigenpair, power_iteration_top_eigenpair):
-                started = time.perf_counter()
-                objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
-                objective.gradient(create_graph=True)
-                generator = torch.Generator().manual_seed(1)
-                start = torch.randn(
-                    sum(p.numel() for p in objective.parameters), generator=generator
-                )
-                result = solver(objective.hvp, start, rtol=1e-3, max_matvecs=100)
-                seconds = time.perf_counter() - started
-                objective.release()
+
+                def solve(solver=solver):
+                    objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
+                    objective.gradient(create_graph=True)
+                    generator = torch.Generator().manual_seed(1)
+                    start = torch.randn(
+                        sum(p.numel() for p in objective.parameters), generator=generator
+                    )
+                    result = solver(objective.hvp, start, rtol=1e-3, max_matvecs=100)
+                    objective.release()
+                    return result
+
+                seconds, result = median_timed(solve, repeats)
                 cells += [
                     str(result.num_matvecs),
-                    f"{seconds:.2f}",
+                    f"{seconds:.3f}",
                     relative_error(result.eigenvalue),
                 ]
         if pyhessian_hessian is not None:
             lanczos_seconds = float(cells[3])
             note = ""
             for attempt in ("as is", "math attention"):
-                torch.manual_seed(1)
-                started = time.perf_counter()
-                try:
+
+                def pyhessian_top(attempt=attempt):
+                    torch.manual_seed(1)
                     with contextlib.ExitStack() as stack:
                         if attempt == "math attention":
                             stack.enter_context(double_backward_backends(torch.device("cpu")))
@@ -205,13 +212,16 @@ def eigen_accuracy(quick: bool) -> list[list[str]]:
                             model, nn.functional.cross_entropy, data=batch, cuda=False
                         )
                         values, _ = computer.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+                    return values[0]
+
+                try:
+                    seconds, value = median_timed(pyhessian_top, repeats)
                 except RuntimeError:
                     note = " (fails as is; with math attention)"
                     continue
-                seconds = time.perf_counter() - started
                 cells += [
-                    f"{seconds:.2f}{note}",
-                    relative_error(values[0]),
+                    f"{seconds:.3f}{note}",
+                    relative_error(value),
                     f"{lanczos_seconds / seconds:.2f}",
                 ]
                 break
@@ -284,36 +294,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument(
+        "--tables",
+        default="hvp,eigen,warm,overhead",
+        help="which tables to print, comma-separated (default: all four)",
+    )
     args = parser.parse_args()
+    chosen = set(args.tables.split(","))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
         f"Python {sys.version.split()[0]}\n"
     )
-    print(table(
-        "HVP cost per eigen-solver iteration, as a multiple of one gradient (median)",
-        ["model", "parameters", "gradient ms", "graph MiB", *HVP_METHODS], hvp_costs(args.quick),
-        args.markdown,
-    ))  # fmt: skip
-    rows, have_pyhessian = eigen_accuracy(args.quick)
-    header = ["model", "abs(lambda) ref.", "Lanczos HVPs", "s", "rel. error",
-              "power-it. HVPs", "s", "rel. error"]  # fmt: skip
-    if have_pyhessian:
-        header += ["PyHessian s", "rel. error", "Lanczos s / PyHessian s"]
-    print(table("Top eigenvalue to rtol 1e-3 (eval mode, same batch and start)", header, rows,
-                args.markdown))  # fmt: skip
-    print(table(
-        "Warm start from the previous eigenvector, probing every 5 SGD steps",
-        ["model", "probes", "HVPs first", "mean after, steps < 60", "mean after, all steps",
-         "certified", "HVP method"],
-        warm_start(args.quick), args.markdown,
-    ))  # fmt: skip
-    print(table(
-        "Sample models: run time with probes over run time without",
-        ["model file", "no probes s", "own schedule", "probes", "with --max-overhead 0.25",
-         "probes"],
-        overhead(args.quick), args.markdown,
-    ))  # fmt: skip
+    if "hvp" in chosen:
+        print(table(
+            "HVP cost per eigen-solver iteration, as a multiple of one gradient (median)",
+            ["model", "parameters", "gradient ms", "graph MiB", *HVP_METHODS],
+            hvp_costs(args.quick), args.markdown,
+        ))  # fmt: skip
+    if "eigen" in chosen:
+        rows, have_pyhessian = eigen_accuracy(args.quick)
+        header = ["model", "abs(lambda) ref.", "Lanczos HVPs", "s", "rel. error",
+                  "power-it. HVPs", "s", "rel. error"]  # fmt: skip
+        if have_pyhessian:
+            header += ["PyHessian s", "rel. error", "Lanczos s / PyHessian s"]
+        print(table("Top eigenvalue to rtol 1e-3 (eval mode, same batch and start)", header,
+                    rows, args.markdown))  # fmt: skip
+    if "warm" in chosen:
+        print(table(
+            "Warm start from the previous eigenvector, probing every 5 SGD steps",
+            ["model", "probes", "HVPs first", "mean after, steps < 60", "mean after, all steps",
+             "certified", "HVP method"],
+            warm_start(args.quick), args.markdown,
+        ))  # fmt: skip
+    if "overhead" in chosen:
+        print(table(
+            "Sample models: run time with probes over run time without",
+            ["model file", "no probes s", "own schedule", "probes", "with --max-overhead 0.25",
+             "probes"],
+            overhead(args.quick), args.markdown,
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -135,19 +135,21 @@ def _plain_lanczos_basis(matrix: torch.Tensor, first: torch.Tensor, steps: int) 
     return torch.stack(basis)
 
 
-def test_lanczos_keeps_the_basis_semi_orthogonal_where_plain_lanczos_loses_it():
+@pytest.mark.parametrize("seed", range(5))
+def test_lanczos_keeps_the_basis_semi_orthogonal_where_plain_lanczos_loses_it(seed):
     from smoothprof.estimators import _lanczos
 
     # The isolated eigenvalue -50 converges in a few steps, and plain Lanczos then loses
     # orthogonality against its Ritz vector; the top of the dense part [0, 100] converges slowly.
     eigenvalues = torch.cat([torch.tensor([-50.0]), torch.linspace(0.0, 100.0, 399)])
-    rotation, _ = torch.linalg.qr(torch.randn(400, 400, generator=torch.Generator().manual_seed(3)))
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(400, 400, generator=generator))
     matrix = (rotation * eigenvalues) @ rotation.T
-    first = torch.randn(400, generator=torch.Generator().manual_seed(4))
+    first = torch.randn(400, generator=generator)
     result, basis = _lanczos(lambda v: matrix @ v, first, rtol=1e-9, max_matvecs=120)
     assert result.num_matvecs >= 100  # far past the convergence of -50
     loss = (basis @ basis.T - torch.eye(len(basis))).abs().max()
-    assert loss <= 3 * math.sqrt(torch.finfo(torch.float32).eps)
+    assert loss <= 2 * math.sqrt(torch.finfo(torch.float32).eps)  # semi-orthogonal, with margin
     assert result.eigenvalue == pytest.approx(100.0, rel=1e-3)
     plain = _plain_lanczos_basis(matrix, first, 120)
     assert (plain @ plain.T - torch.eye(120)).abs().max() > 0.1  # what the estimates prevent
