@@ -18,7 +18,7 @@ Prints four tables:
 3. Warm start: mean HVPs per probe along a training run, probing every 5 steps: in its first
    60 steps and over all 300.
 4. Overhead: wall time of each sample model's run at its defaults, with probes and with
-   ``--probe-every 0``, and their ratio.
+   ``--probe-every 0``, and their ratio (medians of 3 interleaved rounds).
 
 Ratios, not seconds, are the figures to compare: they are measured in one process on one
 machine, which the header states.
@@ -256,24 +256,30 @@ def warm_start(quick: bool) -> list[list[str]]:
 
 def overhead(quick: bool) -> list[list[str]]:
     """Each sample model at its defaults without probes, with probes at its own schedule, and
-    with smoothprof's default overhead cap (0.25) on top of that schedule."""
+    with smoothprof's default overhead cap (0.25) on top of that schedule; the three runs
+    interleaved and repeated (3 rounds, the median of each), as wall times on a shared machine
+    drift by tens of percent between minutes."""
     rows = []
+    rounds = 1 if quick else 3
     for path in sorted((REPO / "sample_models").glob("*.py")):
         spec = load_model_file(path)
-        runs = {}
+        seconds: dict[str, list[float]] = {"off": [], "own": [], "capped": []}
+        probes: dict[str, int] = {}
         variants = (("off", {"probe_every": 0}), ("own", {}), ("capped", {"max_overhead": 0.25}))
-        for label, options in variants:
-            if quick:
-                options = {**options, "steps": 100}
-            config = RunConfig.from_options(spec.defaults, options)
-            started = time.perf_counter()
-            result = train(prepare_run(spec, config))
-            runs[label] = (time.perf_counter() - started, len(result.probes))
-        off = runs["off"][0]
+        for _ in range(rounds):
+            for label, options in variants:
+                if quick:
+                    options = {**options, "steps": 100}
+                config = RunConfig.from_options(spec.defaults, options)
+                started = time.perf_counter()
+                result = train(prepare_run(spec, config))
+                seconds[label].append(time.perf_counter() - started)
+                probes[label] = len(result.probes)
+        off, own, capped = (statistics.median(seconds[k]) for k in ("off", "own", "capped"))
         rows.append([
             path.name, f"{off:.2f}",
-            f"{runs['own'][0] / off:.2f}x", str(runs["own"][1]),
-            f"{runs['capped'][0] / off:.2f}x", str(runs["capped"][1]),
+            f"{own / off:.2f}x", str(probes["own"]),
+            f"{capped / off:.2f}x", str(probes["capped"]),
         ])  # fmt: skip
     return rows
 
