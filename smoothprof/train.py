@@ -128,6 +128,13 @@ class RunConfig:
             )
         if not isinstance(self.probe_batches, int) or self.probe_batches <= 0:
             problems.append(f"probe_batches must be a positive integer, got {self.probe_batches!r}")
+        elif self.hvp_method == "retained" and (
+            self.retain_graphs is False or (self.retain_graphs is None and self.probe_batches > 1)
+        ):
+            problems.append(
+                "hvp_method retained keeps every probe batch's double-backward graph: allow it "
+                "with retain_graphs (--retain-graphs) or use one probe batch"
+            )
         if any(not (isinstance(g, (int, float)) and 0 < g <= 1) for g in self.fd_points):
             problems.append(f"fd_points must lie in (0, 1], got {list(self.fd_points)}")
         if self.probe_mode not in MODES:

@@ -111,11 +111,18 @@ def test_third_party_file_trains(tmp_path):
         ({"optimizer": "rmsprop"}, "unknown optimizer"),
         ({"estimators": ("hvp", "magic")}, "unknown estimator"),
         ({"fd_points": (0.0,)}, "fd_points"),
+        ({"hvp_method": "retained"}, "allow it with retain_graphs"),  # 4 probe batches
+        ({"hvp_method": "retained", "probe_batches": 1, "retain_graphs": False}, "retain_graphs"),
     ],
 )
 def test_bad_options(options, expected):
     with pytest.raises(ConfigError, match=expected):
         RunConfig.from_options({}, options)
+
+
+def test_retained_hvps_with_the_graphs_allowed_or_one_batch():
+    RunConfig.from_options({}, {"hvp_method": "retained", "retain_graphs": True})
+    RunConfig.from_options({}, {"hvp_method": "retained", "probe_batches": 1})
 
 
 def test_unknown_defaults_key():
