@@ -28,9 +28,10 @@ What to expect
 With the defaults below (plain SGD at lr 5 with gradient-norm clipping at 0.25, the AWD-LSTM
 threshold, for 600 steps of 32 x 50 characters) the training itself takes 5 to 15 s on two CPU
 cores and the 26 log-spaced probes (``probe_schedule``, 2 ``probe_batches``, their graphs
-retained) about 25 s: about half a minute in all. The probe loss falls from 4.59 (chance) to ~3.0 by step 20 and ~1.6 by step 500
-as the LSTM learns words, indentation and brackets. Clipping acts on every step for the first
-~30 steps and on about one in six after that (a quarter of all steps).
+retained) about 25 s: about half a minute in all. The probe loss falls from 4.59 (chance) to
+~3.0 by step 20 and ~1.6 by step 500 as the LSTM learns words, indentation and brackets.
+Clipping acts on every step for the first ~30 steps and on about one in six after that (a
+quarter of all steps).
 
 Along the run the probe's gradient norm falls from ~0.55 to ~0.18 and the smoothness with it:
 the Hessian norm from ~1 to 1.4 to ~0.5 (with one spike to ~4 near step 50), the

@@ -181,11 +181,24 @@ class ProbeObjective:
         if self.comm is not None:
             return self._global_gradient(create_graph)
         keep = create_graph and self.retain_graphs and self.hvp_method in ("auto", "retained")
+        total_loss, total, _, squares = self._sum_over_batches(range(len(self.batches)), keep)
+        count = len(self.batches)
+        mean = [g / count for g in total]
+        self._retained = mean if keep else None
+        flat_mean = flatten([g.detach() for g in mean])
+        return total_loss / count, flat_mean, math.sqrt(max(squares, 0.0) / count)
+
+    def _sum_over_batches(
+        self, indices: Sequence[int], keep: bool
+    ) -> tuple[float, list[torch.Tensor], torch.Tensor | None, float]:
+        """Loss and gradient summed over the batches ``indices`` (zeros for none), the running
+        mean of their flat gradients (None for none) and Welford's M2: the sum over the batches
+        of ||g_b - running mean||^2, so memory stays at two flat vectors whatever their number."""
         total_loss = 0.0
         total: list[torch.Tensor] | None = None
         running_mean: torch.Tensor | None = None
-        squares = 0.0  # sum over batches of ||g_b - running mean||^2, Welford's M2
-        for count, index in enumerate(range(len(self.batches)), start=1):
+        squares = 0.0
+        for count, index in enumerate(indices, start=1):
             loss, grads = self._batch_gradient(index, create_graph=keep)
             total_loss += loss
             total = grads if total is None else [a + b for a, b in zip(total, grads)]
@@ -196,12 +209,9 @@ class ProbeObjective:
             delta = flat - running_mean
             running_mean += delta / count
             squares += float(torch.dot(delta, flat - running_mean))
-        count = len(self.batches)
-        assert total is not None
-        mean = [g / count for g in total]
-        self._retained = mean if keep else None
-        flat_mean = flatten([g.detach() for g in mean])
-        return total_loss / count, flat_mean, math.sqrt(max(squares, 0.0) / count)
+        if total is None:
+            total = [torch.zeros_like(p) for p in self.parameters]
+        return total_loss, total, running_mean, squares
 
     def _global_gradient(self, create_graph: bool) -> tuple[float, torch.Tensor, float]:
         """``gradient()`` over the batches of every rank: sums all-reduced, Welford states
@@ -212,21 +222,7 @@ class ProbeObjective:
             # Every rank keeps its graphs or none does: the ranks must offer the same HVP
             # methods, whatever each decides from its own memory.
             keep = not self.comm.any(not keep)
-        total_loss = 0.0
-        total = [torch.zeros_like(p) for p in self.parameters]
-        running_mean: torch.Tensor | None = None
-        squares = 0.0
-        for count, index in enumerate(self.local_indices, start=1):
-            loss, grads = self._batch_gradient(index, create_graph=keep)
-            total_loss += loss
-            total = [a + b for a, b in zip(total, grads)]
-            flat = flatten([g.detach() for g in grads])
-            if running_mean is None:
-                running_mean = flat.clone()
-                continue
-            delta = flat - running_mean
-            running_mean += delta / count
-            squares += float(torch.dot(delta, flat - running_mean))
+        total_loss, total, running_mean, squares = self._sum_over_batches(self.local_indices, keep)
         count = len(self.batches)
         local = [g / count for g in total]  # this rank's share of the mean gradient
         self._retained = local if keep else None
