@@ -56,7 +56,8 @@ def lanczos_top_eigenpair(
     Stops when the Ritz pair of largest magnitude has residual ``|beta_k * y_k| <= rtol * |theta|``
     (a certificate: an eigenvalue of H lies within ``rtol`` relative of ``theta``), or when the
     Krylov space is invariant (exact). The tridiagonal matrix is solved in float64; the basis is
-    kept in ``start``'s dtype and device, reorthogonalized twice per step ("twice is enough").
+    kept in ``start``'s dtype and device and reorthogonalized against at every step, a second
+    time when the first pass cancelled most of the new vector ("twice is enough").
     """
     return _lanczos(matvec, start, rtol=rtol, max_matvecs=max_matvecs)[0]
 
