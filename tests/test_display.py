@@ -287,7 +287,7 @@ def test_fit_headlines_the_measured_rule_with_its_sweep(unclipped_profile):
     data = json.loads(invoke("fit", unclipped_profile, "--json", "--skip-steps", 80).stdout)
     assert data["headline"]["rule"] == "clipped-measured"
     assert data["clip_threshold"] == pytest.approx(data["L0"] / data["L1"])
-    assert data["step_size"] == pytest.approx(2.0)  # 10 x the profiling lr 0.2
+    assert data["step_size"] == pytest.approx(1.0)  # 5 x the profiling lr 0.2
     assert data["sweep_lrs"] == pytest.approx([0.2, 0.4, 1.0, 2.0, 4.0])
     assert data["recommendations"][0] == data["headline"]
     assert "[measured]" in data["headline"]["source"]

@@ -46,7 +46,7 @@ def by_rule(recs: Recommendations) -> dict[str, Recommendation]:
 # (clip threshold, step size, step offset) for L0 = 2, L1 = 0.5, L_max = 40, G_max = 30, worked
 # out by hand from theory.md §4: eta_c = 1/(10*L0) = 1/20, gamma = min{10*L0, L0/L1} = min{20, 4}.
 BY_HAND = {
-    "clipped-measured": (4.0, 10 * 0.3, None),  # c = L0/L1, 10 x the profiling lr 0.3
+    "clipped-measured": (4.0, 5 * 0.3, None),  # c = L0/L1, 5 x the profiling lr 0.3
     "clipped-gd-conservative": (4.0, 1 / 20, None),  # Theorem 3
     "clipped-gd-koloskova": (4.0, 1 / 36, None),  # c = 4, 1/(9*(2 + 4*0.5))
     "normalized-gd": (None, 4 / 20, 4.0),  # eta_n = gamma*eta_c = 0.2, beta = gamma = 4
@@ -183,15 +183,15 @@ def test_overflowing_rules_are_omitted_with_a_warning():
     assert_all_finite(recs)
 
 
-def test_headline_is_ten_times_an_unclipped_sgd_profiling_lr():
+def test_headline_is_five_times_an_unclipped_sgd_profiling_lr():
     recs = recommend(make_fit(), profile=ProfilingRun(lr=0.5, optimizer="sgd"))
     assert recs.headline.rule == "clipped-measured"
     assert recs.headline.clip_threshold == pytest.approx(4.0)  # L0/L1
-    assert recs.headline.step_size == pytest.approx(5.0)
+    assert recs.headline.step_size == pytest.approx(2.5)
     assert recs.sweep_lrs == pytest.approx([0.5 * f for f in SWEEP_FACTORS])
-    assert "10 x the profiling run's lr 0.5" in recs.headline.note
+    assert "5 x the profiling run's lr 0.5" in recs.headline.note
     unnamed = recommend(make_fit(), profile=ProfilingRun(lr=0.5))
-    assert unnamed.headline.step_size == pytest.approx(5.0)
+    assert unnamed.headline.step_size == pytest.approx(2.5)
     assert "does not name the optimizer" in unnamed.headline.note
 
 
