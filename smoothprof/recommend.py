@@ -340,7 +340,8 @@ def _measured_headline(
         step_size=step,
         source=_SOURCE_MEASURED,
         assumptions="a profiling run whose step size trains; an empirical rule, no guarantee",
-        note=f"c = L0/L1; {how}. Sweep lr x {{1, 2, 5, 10, 20}} of it at this clip to tune.",
+        note=f"c = L0/L1; {how}. Sweep lr x {{{', '.join(f'{f:g}' for f in SWEEP_FACTORS)}}} "
+        "of it at this clip to tune.",
     )
     return headline, anchor
 
