@@ -47,6 +47,7 @@ from .display import (
     fit_summary,
     format_number,
     probe_line,
+    profile_sweep_commands,
     recommendations_view,
     series_plot,
     to_ascii,
@@ -869,17 +870,6 @@ def _profiling_run(trajectories: list[Trajectory]) -> ProfilingRun:
     )
 
 
-def _shown_path(path: str) -> str:
-    """``path`` relative to the working directory when it lies below it, else as it is."""
-    if not path or not os.path.isabs(path):
-        return path
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return path
-    return path if relative.startswith("..") else relative
-
-
 def _positive_number(value: Any) -> bool:
     return (
         isinstance(value, (int, float))
@@ -1014,26 +1004,9 @@ def fit(
             smoothness_label=ESTIMATOR_LABELS[chosen],
         )
         parts.append(Text.from_ansi(figure) if color else Text(figure))
-    model_files = {str(t.attributes.get("model_file", "")) for t in trajectories}
-    model_file = _shown_path(model_files.pop()) if len(model_files) == 1 else ""
-    world_sizes = {_world_size(t) for t in trajectories}
-    parts.append(
-        recommendations_view(
-            recs,
-            ascii_only=ascii_only,
-            model_file=model_file or None,
-            world_size=world_sizes.pop() if len(world_sizes) == 1 else 1,
-        )
-    )
+    commands = profile_sweep_commands(trajectories, recs)
+    parts.append(recommendations_view(recs, ascii_only=ascii_only, commands=commands))
     _emit(out_width, ascii_only, *parts)
-
-
-def _world_size(trajectory: Trajectory) -> int:
-    """The processes that ran the profile (1 for files from before the attribute)."""
-    try:
-        return max(1, int(trajectory.attributes.get("world_size", 1)))
-    except (TypeError, ValueError):
-        return 1
 
 
 @app.command()

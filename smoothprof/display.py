@@ -7,6 +7,7 @@ log; colour is added only when asked, and ``ascii_only`` swaps box-drawing chara
 from __future__ import annotations
 
 import math
+import os
 import unicodedata
 from collections.abc import Sequence
 
@@ -431,15 +432,45 @@ def sweep_commands(model_file: str, recs: Recommendations, *, world_size: int = 
     return [*commands, "smoothprof compare clip_lr*.h5"]
 
 
+def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendations) -> list[str]:
+    """``sweep_commands`` for the runs these files profiled: their model file (``MODEL.py``
+    when they name none or several; relative to the working directory when below it) and, when
+    they agree on it, their number of processes."""
+    model_files = {str(t.attributes.get("model_file") or "") for t in trajectories}
+    model_file = model_files.pop() if len(model_files) == 1 else ""
+    world_sizes = {_world_size(t) for t in trajectories}
+    return sweep_commands(
+        _shown_path(model_file) or "MODEL.py",
+        recs,
+        world_size=world_sizes.pop() if len(world_sizes) == 1 else 1,
+    )
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as it is."""
+    if not path or not os.path.isabs(path):
+        return path
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def _world_size(trajectory: Trajectory) -> int:
+    """The processes that ran the profile (1 for files from before the attribute)."""
+    try:
+        return max(1, int(trajectory.attributes.get("world_size", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
 def recommendations_view(
-    recs: Recommendations,
-    *,
-    ascii_only: bool = False,
-    model_file: str | None = None,
-    world_size: int = 1,
+    recs: Recommendations, *, ascii_only: bool = False, commands: Sequence[str] = ()
 ) -> Group:
-    """Every supported rule, the headline explained, warnings and caveats, the commands of the
-    clipped sweep (with ``model_file``), then the headline as ready-to-paste PyTorch."""
+    """Every supported rule, the headline explained, warnings and caveats, the ``commands`` of
+    the clipped sweep (see ``profile_sweep_commands``), then the headline as ready-to-paste
+    PyTorch."""
     table = _table("Suggested clip threshold and step size", ascii_only)
     table.add_column("#", justify="right")
     table.add_column("rule", overflow="fold")
@@ -462,7 +493,6 @@ def recommendations_view(
     lines = [_text(assumptions_text(recs.rules), ascii_only), _text(recs.explanation, ascii_only)]
     lines += [_text(f"warning: {w}", ascii_only, style="yellow") for w in recs.warnings]
     lines += [_text(f"note: {c}", ascii_only, style="dim") for c in recs.caveats]
-    commands = sweep_commands(model_file, recs, world_size=world_size) if model_file else []
     if commands:
         lines.append(
             _text(

@@ -29,9 +29,9 @@ from .display import (
     clipped_share_window,
     fit_rows,
     format_number,
+    profile_sweep_commands,
     rolling_share,
     step_size_text,
-    sweep_commands,
 )
 from .fit import EnvelopeFit
 from .recommend import Recommendations, pytorch_snippet
@@ -341,11 +341,7 @@ def report_html(
     caveats = "".join(f'<li class="caveat">{html.escape(c)}</li>' for c in recs.caveats)
     skipped = f" Probes before step {skip_steps} were left out." if skip_steps else ""
     label = ESTIMATOR_LABELS.get(estimator, estimator)
-    commands = sweep_commands(
-        str(trajectory.attributes.get("model_file") or "MODEL.py"),
-        recs,
-        world_size=int(trajectory.attributes.get("world_size", 1) or 1),
-    )
+    commands = profile_sweep_commands([trajectory], recs)
     sweep = (
         "<p>The clipped sweep to tune it (add your fixed-step runs to the compare):</p>"
         f"<pre>{html.escape(chr(10).join(commands))}</pre>"
