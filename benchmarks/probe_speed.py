@@ -5,10 +5,10 @@
 Prints four tables:
 
 1. HVP cost: seconds per Hessian-vector product by each method, as a multiple of one gradient on
-   the same batch (median of repeats), for an MLP, a CNN with BatchNorm, an LSTM and a
-   transformer layer; "fails" where a method raises. "graph MiB" is the memory the retained
-   double-backward graph of that one batch holds (``objective.saved_graph_bytes``): the price of
-   the ``retained`` method, per probe batch.
+   the same batch as training computes it (the median over 9 rounds that time both), for an
+   MLP, a CNN with BatchNorm, an LSTM and a transformer layer; "fails" where a method raises.
+   "graph MiB" is the memory the retained double-backward graph of that one batch holds
+   (``objective.saved_graph_bytes``): the price of the ``retained`` method, per probe batch.
 2. Top eigenvalue to rtol 1e-3: smoothprof's Lanczos (residual-certified) against power iteration
    with PyHessian's stopping rule, and PyHessian itself (``pip install pyhessian==0.1``; the
    column is skipped when it is not installed): HVPs, wall time (the median of 3 solves after
@@ -128,8 +128,13 @@ def median_timed(work: Callable[[], object], repeats: int) -> tuple[float, objec
 
 
 def hvp_costs(quick: bool) -> list[list[str]]:
+    """Per round, the gradient as training computes it (ATen's kernels) and then each HVP
+    method with the probe's kernels, each the median of 3 calls after a warm-up; a method's
+    figure is the median over the rounds of its ratio to that round's gradient, so the
+    machine's drift from one minute to the next cancels out of the ratios."""
     rows = []
-    repeats = 3 if quick else 7
+    rounds = 3 if quick else 9
+    cpu = torch.device("cpu")
     for name, model, batch in models(quick):
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
@@ -137,28 +142,36 @@ def hvp_costs(quick: bool) -> list[list[str]]:
         def gradient() -> object:
             return torch.autograd.grad(cross_entropy(model, batch), parameters)
 
-        with preserved_rng(), double_backward_backends(torch.device("cpu")):
-            gradient_seconds = median_timed(gradient, repeats)[0]
-            objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
-            objective.gradient(create_graph=True)
-            vector = torch.randn(sum(p.numel() for p in parameters))
-            graph_mib = saved_graph_bytes(model, cross_entropy, batch) / 2**20
-            cells = [
-                name,
-                f"{sum(p.numel() for p in parameters):,}",
-                f"{gradient_seconds * 1e3:.1f}",
-                f"{graph_mib:.1f}",
-            ]
-            for method in HVP_METHODS:
-                try:
-                    seconds, _ = median_timed(
-                        lambda m=method: objective.hvp_with(m, vector), repeats
-                    )
-                except Exception as error:
-                    cells.append(f"fails ({type(error).__name__})")
-                else:
-                    cells.append(f"{seconds / gradient_seconds:.2f}x")
+        with preserved_rng():
+            with double_backward_backends(cpu):
+                objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
+                objective.gradient(create_graph=True)
+                vector = torch.randn(sum(p.numel() for p in parameters))
+                graph_mib = saved_graph_bytes(model, cross_entropy, batch) / 2**20
+                failures: dict[str, str] = {}
+                for method in HVP_METHODS:
+                    try:
+                        objective.hvp_with(method, vector)
+                    except Exception as error:
+                        failures[method] = f"fails ({type(error).__name__})"
+            ratios: dict[str, list[float]] = {m: [] for m in HVP_METHODS if m not in failures}
+            gradient_times = []
+            for _ in range(rounds):
+                gradient_seconds = median_timed(gradient, 3)[0]
+                gradient_times.append(gradient_seconds)
+                with double_backward_backends(cpu):
+                    for method, values in ratios.items():
+                        seconds = median_timed(lambda m=method: objective.hvp_with(m, vector), 3)[0]
+                        values.append(seconds / gradient_seconds)
             objective.release()
+        cells = [
+            name,
+            f"{sum(p.numel() for p in parameters):,}",
+            f"{statistics.median(gradient_times) * 1e3:.1f}",
+            f"{graph_mib:.1f}",
+        ]
+        for method in HVP_METHODS:
+            cells.append(failures.get(method) or f"{statistics.median(ratios[method]):.2f}x")
         rows.append(cells)
     return rows
 

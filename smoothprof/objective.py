@@ -9,6 +9,7 @@ function; callers that must leave the global RNG untouched wrap calls in ``prese
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .distributed import Communicator, local_indices
 
@@ -62,7 +64,9 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def double_backward_backends(device: torch.device) -> Iterator[None]:
-    """Kernels that have a double backward: cuDNN off (its RNNs have none), math attention."""
+    """Kernels that have a double backward, and a fast one: cuDNN off (its RNNs have none), math
+    attention, and train-mode batch norm from its batch statistics (``BatchNormFromStatistics``).
+    The probe evaluates f only in here, so every value it compares is the same function."""
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
@@ -72,7 +76,59 @@ def double_backward_backends(device: torch.device) -> Iterator[None]:
             pass
         else:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(BatchNormFromStatistics())
         yield
+
+
+_BATCH_NORM_SIGNATURE = inspect.signature(nn.functional.batch_norm)
+
+
+def batch_norm_from_statistics(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Train-mode batch norm, ``(x - mean) / sqrt(var + eps) * weight + bias`` with the batch's
+    per-channel mean and biased variance, written as ``x * scale + shift`` with per-channel
+    ``scale`` and ``shift``: one full-size multiply-add after ``torch.var_mean``."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.view(shape)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.view(shape)
+    return torch.addcmul(shift, x, scale)
+
+
+class BatchNormFromStatistics(TorchFunctionMode):
+    """Evaluate train-mode ``F.batch_norm`` as ``batch_norm_from_statistics``.
+
+    The same function up to rounding, whose graph autograd differentiates twice for less than
+    ATen's batch-norm double backward (many full-size products): in
+    ``benchmarks/probe_speed.py`` the CNN's HVP drops from about 2.5 to 2.0 gradients.
+    Running statistics are not updated (the probe restores them anyway). Eval mode, other
+    dtypes than float32 / float64 (ATen accumulates half precision in float32), and a batch of
+    one value per channel (ATen raises) go to ATen as they are.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.batch_norm:
+            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            x = arguments["input"]
+            if (
+                arguments["training"]
+                and x.dtype in (torch.float32, torch.float64)
+                and x.dim() >= 2
+                and x.numel() > x.shape[1]
+            ):
+                return batch_norm_from_statistics(
+                    x, arguments["weight"], arguments["bias"], arguments["eps"]
+                )
+        return func(*args, **kwargs)
 
 
 class _LossOf(nn.Module):

@@ -520,7 +520,9 @@ class Probe:
             return self._objective().gradient()[1]
 
         try:
-            with unchanged_model_state(self.model, device):
+            # The kernels of before_step's gradient: the difference must not see two kernels'
+            # rounding (flash against math attention, ATen's against the probe's batch norm).
+            with unchanged_model_state(self.model, device), double_backward_backends(device):
                 _set_mode(self.model, self.mode)
                 return finite_difference_smoothness(
                     gradient_at, gradient, step_norm, self.fd_points

@@ -91,6 +91,13 @@ def small_models():
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
     ).double()
     cnn_batches = [(torch.randn(4, 1, 5, 5, dtype=torch.float64), torch.randint(0, 2, (4,)))]
+    # Train mode: the probe evaluates batch norm from the batch's statistics, the reference ATen.
+    cnn_bn = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
+    ).double()
+    cnn_bn_batches = [
+        (torch.randn(4, 1, 5, 5, dtype=torch.float64), torch.randint(0, 2, (4,))) for _ in range(2)
+    ]
     rnn = TinyRNN().double()
     rnn_batches = [
         (torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
@@ -100,6 +107,7 @@ def small_models():
         ("mlp-tanh", mlp, cross_entropy_loss, mlp_batches),
         ("cnn", cnn, cross_entropy_loss, cnn_batches),
         ("rnn", rnn, mse_loss, rnn_batches),
+        ("cnn-batchnorm", cnn_bn, cross_entropy_loss, cnn_bn_batches),
     ]
 
 

@@ -1,5 +1,6 @@
 """The probe against exact float64 references, and its invisibility to the training it observes."""
 
+import contextlib
 import math
 import random
 
@@ -10,7 +11,13 @@ from conftest import dense_hessian, small_models, top_eigenvalue
 from torch import nn
 
 from smoothprof import Probe, hessian_norm
-from smoothprof.objective import HVP_METHODS, ProbeObjective, flatten
+from smoothprof.objective import (
+    HVP_METHODS,
+    BatchNormFromStatistics,
+    ProbeObjective,
+    double_backward_backends,
+    flatten,
+)
 from smoothprof.probe import ProbeRecord, every_k_steps, fastest_hvp_method, log_spaced_steps
 
 
@@ -28,14 +35,23 @@ def test_hessian_norm_matches_dense_hessian(name, model, loss_fn, batches, metho
 
 
 @pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
-def test_hvp_matches_dense_hessian_columns(name, model, loss_fn, batches):
+@pytest.mark.parametrize("backends", ["aten", "probe"])
+def test_hvp_matches_dense_hessian_columns(name, model, loss_fn, batches, backends):
+    """With ATen's kernels as the model runs them, and with the probe's (math attention, batch
+    norm from its statistics): every method, every backend, the same exact products."""
     hessian = dense_hessian(model, loss_fn, batches)
-    objective = ProbeObjective(model, loss_fn, batches, retain_graphs=True)
-    objective.gradient(create_graph=True)
-    vector = torch.randn(hessian.shape[0], dtype=torch.float64)
-    for method in HVP_METHODS:
-        product = objective.hvp_with(method, vector)
-        torch.testing.assert_close(product, hessian @ vector, rtol=1e-10, atol=1e-12)
+    context = (
+        double_backward_backends(torch.device("cpu"))
+        if backends == "probe"
+        else contextlib.nullcontext()
+    )
+    with context:
+        objective = ProbeObjective(model, loss_fn, batches, retain_graphs=True)
+        objective.gradient(create_graph=True)
+        vector = torch.randn(hessian.shape[0], dtype=torch.float64)
+        for method in HVP_METHODS:
+            product = objective.hvp_with(method, vector)
+            torch.testing.assert_close(product, hessian @ vector, rtol=1e-10, atol=1e-12)
 
 
 def test_float32_model_is_measured_in_float32():
@@ -347,3 +363,42 @@ def test_saved_graph_bytes_grows_with_the_batch_and_skips_the_parameters():
     # A loss of the parameters alone saves nothing beyond them.
     squares = lambda m, b: sum((p**2).sum() for p in m.parameters())  # noqa: E731
     assert saved_graph_bytes(model, squares, None) < 64
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (5, 3, 4), (4, 3, 5, 5), (3, 3, 2, 4, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_from_statistics_is_atens_train_mode_batch_norm(shape, affine):
+    torch.manual_seed(0)
+    layer = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
+        len(shape)
+    ](3, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2)
+            layer.bias.normal_()
+    x = 3 * torch.randn(shape, dtype=torch.float64) + 1
+    expected = layer(x)
+    running = (layer.running_mean.clone(), layer.running_var.clone())
+    with BatchNormFromStatistics():
+        value = layer(x)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    # The probe restores running statistics anyway; the composite leaves them alone.
+    assert torch.equal(layer.running_mean, running[0])
+    assert torch.equal(layer.running_var, running[1])
+
+
+def test_batch_norm_from_statistics_leaves_eval_mode_and_atens_errors_to_aten():
+    layer = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        layer.running_mean.fill_(2.0)
+    x = torch.randn(4, 3)
+    with BatchNormFromStatistics():
+        torch.testing.assert_close(layer(x), (x - 2.0) / math.sqrt(1 + layer.eps))
+        layer.train()
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            layer(torch.randn(1, 3))
+        half = torch.randn(4, 3, dtype=torch.bfloat16)
+        assert torch.equal(
+            layer.to(torch.bfloat16)(half),
+            nn.functional.batch_norm(half, None, None, layer.weight, layer.bias, training=True),
+        )
