@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,11 +178,14 @@ def hvp_costs(quick: bool) -> list[list[str]]:
 
 
 def eigen_accuracy(quick: bool) -> list[list[str]]:
+    """Each solver once untimed, then in interleaved rounds (3) one timed solve each; seconds
+    are medians over the rounds, and Lanczos / PyHessian the median of the rounds' ratios."""
     try:
         from pyhessian import hessian as pyhessian_hessian
     except ImportError:
         pyhessian_hessian = None
     rows = []
+    rounds = 1 if quick else 3
     for name, model, batch in models(quick):
         model.eval()
         reference = hessian_norm(model, cross_entropy, [batch], rtol=1e-9, max_hvps=300).eigenvalue
@@ -189,12 +193,9 @@ def eigen_accuracy(quick: bool) -> list[list[str]]:
         def relative_error(value: float) -> str:
             return f"{abs(abs(value) - abs(reference)) / abs(reference):.1e}"
 
-        cells = [name, f"{reference:.4g}"]
-        repeats = 1 if quick else 3
-        with double_backward_backends(torch.device("cpu")):
-            for solver in (lanczos_top_eigenpair, power_iteration_top_eigenpair):
-
-                def solve(solver=solver):
+        def ours(solver) -> Callable[[], tuple[float, int]]:
+            def solve() -> tuple[float, int]:
+                with double_backward_backends(torch.device("cpu")):
                     objective = ProbeObjective(model, cross_entropy, [batch], retain_graphs=True)
                     objective.gradient(create_graph=True)
                     generator = torch.Generator().manual_seed(1)
@@ -203,41 +204,57 @@ def eigen_accuracy(quick: bool) -> list[list[str]]:
                     )
                     result = solver(objective.hvp, start, rtol=1e-3, max_matvecs=100)
                     objective.release()
-                    return result
+                return result.eigenvalue, result.num_matvecs
 
-                seconds, result = median_timed(solve, repeats)
-                cells += [
-                    str(result.num_matvecs),
-                    f"{seconds:.3f}",
-                    relative_error(result.eigenvalue),
-                ]
+            return solve
+
+        def pyhessian_top(math_attention: bool) -> tuple[float, int]:
+            torch.manual_seed(1)
+            with contextlib.ExitStack() as stack:
+                # PyHessian takes its gradient with backward(create_graph=True): torch warns.
+                stack.enter_context(warnings.catch_warnings())
+                warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
+                if math_attention:
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                computer = pyhessian_hessian(
+                    model, nn.functional.cross_entropy, data=batch, cuda=False
+                )
+                values, _ = computer.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+            return values[0], -1
+
+        solvers = {
+            "lanczos": ours(lanczos_top_eigenpair),
+            "power": ours(power_iteration_top_eigenpair),
+        }
+        results = {key: solve() for key, solve in solvers.items()}  # untimed warm-up
+        note = ""
         if pyhessian_hessian is not None:
-            lanczos_seconds = float(cells[3])
-            note = ""
-            for attempt in ("as is", "math attention"):
-
-                def pyhessian_top(attempt=attempt):
-                    torch.manual_seed(1)
-                    with contextlib.ExitStack() as stack:
-                        if attempt == "math attention":
-                            stack.enter_context(double_backward_backends(torch.device("cpu")))
-                        computer = pyhessian_hessian(
-                            model, nn.functional.cross_entropy, data=batch, cuda=False
-                        )
-                        values, _ = computer.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
-                    return values[0]
-
-                try:
-                    seconds, value = median_timed(pyhessian_top, repeats)
-                except RuntimeError:
-                    note = " (fails as is; with math attention)"
-                    continue
-                cells += [
-                    f"{seconds:.3f}{note}",
-                    relative_error(value),
-                    f"{lanczos_seconds / seconds:.2f}",
-                ]
-                break
+            try:
+                results["pyhessian"] = pyhessian_top(False)
+                solvers["pyhessian"] = lambda: pyhessian_top(False)
+            except RuntimeError:
+                note = " (fails as is; with math attention)"
+                results["pyhessian"] = pyhessian_top(True)
+                solvers["pyhessian"] = lambda: pyhessian_top(True)
+        times: dict[str, list[float]] = {key: [] for key in solvers}
+        for _ in range(rounds):
+            for key, solve in solvers.items():
+                started = time.perf_counter()
+                solve()
+                times[key].append(time.perf_counter() - started)
+        cells = [name, f"{reference:.4g}"]
+        for key in ("lanczos", "power"):
+            value, count = results[key]
+            cells += [str(count), f"{statistics.median(times[key]):.3f}", relative_error(value)]
+        if "pyhessian" in solvers:
+            ratios = [ours / theirs for ours, theirs in zip(times["lanczos"], times["pyhessian"])]
+            cells += [
+                f"{statistics.median(times['pyhessian']):.3f}{note}",
+                relative_error(results["pyhessian"][0]),
+                f"{statistics.median(ratios):.2f}",
+            ]
         rows.append(cells)
     return rows, pyhessian_hessian is not None
 

@@ -71,8 +71,9 @@ def _lanczos(
 ) -> tuple[EigenResult, torch.Tensor]:
     """``lanczos_top_eigenpair`` and the orthonormal basis it built (rows), for tests.
 
-    Every new vector is orthogonalized against the whole basis, a second time only when the
-    first pass cancelled most of it (Kahan-Parlett, "twice is enough"). Partial
+    Every new vector, after the three-term recurrence, is orthogonalized against the whole
+    basis, a second time only when that pass cancelled most of what the recurrence left
+    (Kahan-Parlett, "twice is enough"): the basis stays orthogonal to working precision. Partial
     reorthogonalization (Simon's estimates, as in PROPACK) would skip most of these passes, but
     its estimates fell behind the true loss of orthogonality on some spectra in float32 (tests:
     the basis must stay orthogonal where plain Lanczos loses it), so the solver pays for them.
@@ -100,6 +101,12 @@ def _lanczos(
         w = matvec(q).reshape(-1).to(dtype=basis.dtype, copy=True)
         alpha = float(torch.dot(q, w))
         alphas.append(alpha)
+        # The three-term recurrence first, so that the test below sees only what the full
+        # pass removes: a second pass is needed when orthogonality was lost, not because
+        # H q is mostly alpha q + beta q_prev (which it is at every step).
+        w.add_(q, alpha=-alpha)
+        if k > 0:
+            w.add_(basis[k - 1], alpha=-betas[-1])
         active = basis[: k + 1]
         norm_before = float(torch.linalg.vector_norm(w))
         w.addmv_(active.T, active @ w, alpha=-1)

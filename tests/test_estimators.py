@@ -136,7 +136,7 @@ def _plain_lanczos_basis(matrix: torch.Tensor, first: torch.Tensor, steps: int) 
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_lanczos_keeps_the_basis_semi_orthogonal_where_plain_lanczos_loses_it(seed):
+def test_lanczos_keeps_the_basis_orthogonal_where_plain_lanczos_loses_it(seed):
     from smoothprof.estimators import _lanczos
 
     # The isolated eigenvalue -50 converges in a few steps, and plain Lanczos then loses
@@ -149,7 +149,9 @@ def test_lanczos_keeps_the_basis_semi_orthogonal_where_plain_lanczos_loses_it(se
     result, basis = _lanczos(lambda v: matrix @ v, first, rtol=1e-9, max_matvecs=120)
     assert result.num_matvecs >= 100  # far past the convergence of -50
     loss = (basis @ basis.T - torch.eye(len(basis))).abs().max()
-    assert loss <= 2 * math.sqrt(torch.finfo(torch.float32).eps)  # semi-orthogonal, with margin
+    # Full reorthogonalization: orthogonal to working precision (measured 3e-7 to 6e-7), where
+    # semi-orthogonality (sqrt(eps), 3e-4) is all that partial schemes promise.
+    assert loss <= 32 * torch.finfo(torch.float32).eps
     assert result.eigenvalue == pytest.approx(100.0, rel=1e-3)
     plain = _plain_lanczos_basis(matrix, first, 120)
-    assert (plain @ plain.T - torch.eye(120)).abs().max() > 0.1  # what the estimates prevent
+    assert (plain @ plain.T - torch.eye(120)).abs().max() > 0.1  # what reorthogonalizing prevents
