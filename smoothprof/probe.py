@@ -297,7 +297,8 @@ class Probe:
     the train/eval mode the probe objective is evaluated in ("train" as the paper's code,
     "eval", or None for the model's own mode at the time). ``schedule`` (a function of the step,
     e.g. ``log_spaced_steps()``) overrides ``every``. ``max_overhead`` (e.g. 0.25) skips a due
-    probe when it would take the time spent probing (counting it at the last probe's cost) over
+    probe when it would take the time spent probing (``on_record`` included; the next probe
+    counted at the last one's cost) over
     that fraction of the time spent training, so a run takes at most about (1 + max_overhead)
     times as long as without probes; the first due probe always runs. ``hvp_method`` is one of
     ``objective.HVP_METHODS`` or "auto" (the fastest that works, timed at the first probe);
@@ -501,7 +502,10 @@ class Probe:
         self.probe_seconds += record.seconds
         self.records.append(record)
         if self.on_record is not None:
+            written = time.perf_counter()
             self.on_record(record)
+            # Writing the row is probing's cost too, for the budget (the row cannot hold it).
+            self.probe_seconds += time.perf_counter() - written
         return record
 
     def _finite_difference(self, point: torch.Tensor, gradient: torch.Tensor) -> float:

@@ -3,6 +3,7 @@
 import contextlib
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -313,7 +314,6 @@ def test_overhead_cap_skips_due_probes_but_not_the_first():
 
 def test_overhead_cap_counts_the_next_probe_at_the_last_ones_cost():
     import dataclasses
-    import time
 
     _, model, loss_fn, batches = small_models()[0]
     probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.25)
@@ -402,3 +402,15 @@ def test_batch_norm_from_statistics_leaves_eval_mode_and_atens_errors_to_aten():
             layer.to(torch.bfloat16)(half),
             nn.functional.batch_norm(half, None, None, layer.weight, layer.bias, training=True),
         )
+
+
+def test_writing_a_row_counts_as_probing_for_the_overhead_cap():
+    _, model, loss_fn, batches = small_models()[0]
+
+    def slow_writer(record):
+        time.sleep(0.05)
+
+    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.25, on_record=slow_writer)
+    with probe.around_step(0):
+        pass
+    assert probe.probe_seconds >= probe.records[0].seconds + 0.05
