@@ -11,8 +11,8 @@ Prints four tables:
    (``objective.saved_graph_bytes``): the price of the ``retained`` method, per probe batch.
 2. Top eigenvalue to rtol 1e-3: smoothprof's Lanczos (residual-certified) against power iteration
    with PyHessian's stopping rule, and PyHessian itself (``pip install pyhessian==0.1``; the
-   column is skipped when it is not installed): HVPs, wall time (the median of 3 solves after
-   an untimed one) and the relative error against
+   column is skipped when it is not installed): HVPs, wall time (the median of 3 interleaved
+   rounds after an untimed solve) and the relative error against
    a reference eigenvalue (Lanczos to rtol 1e-9). PyHessian forces eval mode, so all solvers
    here measure the eval-mode Hessian.
 3. Warm start: mean HVPs per probe along a training run, probing every 5 steps: in its first
@@ -249,7 +249,7 @@ def eigen_accuracy(quick: bool) -> list[list[str]]:
             value, count = results[key]
             cells += [str(count), f"{statistics.median(times[key]):.3f}", relative_error(value)]
         if "pyhessian" in solvers:
-            ratios = [ours / theirs for ours, theirs in zip(times["lanczos"], times["pyhessian"])]
+            ratios = [mine / theirs for mine, theirs in zip(times["lanczos"], times["pyhessian"])]
             cells += [
                 f"{statistics.median(times['pyhessian']):.3f}{note}",
                 relative_error(results["pyhessian"][0]),

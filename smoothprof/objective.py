@@ -106,7 +106,7 @@ class BatchNormFromStatistics(TorchFunctionMode):
 
     The same function up to rounding, whose graph autograd differentiates twice for less than
     ATen's batch-norm double backward (many full-size products): in
-    ``benchmarks/probe_speed.py`` the CNN's HVP drops from about 2.5 to 2.0 gradients.
+    ``benchmarks/probe_speed.py`` the CNN's HVP drops from about 2.4 to 1.6 gradients.
     Running statistics are not updated (the probe restores them anyway). Eval mode, other
     dtypes than float32 / float64 (ATen accumulates half precision in float32), and a batch of
     one value per channel (ATen raises) go to ATen as they are.

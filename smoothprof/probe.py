@@ -298,9 +298,9 @@ class Probe:
     "eval", or None for the model's own mode at the time). ``schedule`` (a function of the step,
     e.g. ``log_spaced_steps()``) overrides ``every``. ``max_overhead`` (e.g. 0.25) skips a due
     probe when it would take the time spent probing (``on_record`` included; the next probe
-    counted at the last one's cost) over
-    that fraction of the time spent training, so a run takes at most about (1 + max_overhead)
-    times as long as without probes; the first due probe always runs. ``hvp_method`` is one of
+    counted at the last one's cost) over that fraction of the time spent training, so a run
+    takes at most about (1 + max_overhead) times as long as without probes; the first due
+    probe always runs. ``hvp_method`` is one of
     ``objective.HVP_METHODS`` or "auto" (the fastest that works, timed at the first probe);
     ``retain_graphs`` allows the "retained" method to keep every probe batch's graph at once
     (default: only for a single batch).
