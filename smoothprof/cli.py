@@ -346,8 +346,8 @@ def run(
             overrides["fd_points"] = tuple(float(v) for v in fd_points.split(","))
         except ValueError:
             raise typer.BadParameter(f"--fd-points must be numbers, got {fd_points!r}") from None
-    try:
-        RunConfig.from_options({}, overrides)
+    try:  # each value alone now; together with the file's defaults once it is loaded
+        RunConfig.from_options({}, overrides, check_conflicts=False)
     except ConfigError as error:
         raise typer.BadParameter(str(error)) from None
     output = output if output is not None else Path(model_file.stem + ".h5")
@@ -379,7 +379,12 @@ def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tup
     try:
         config = RunConfig.from_options(spec.defaults, overrides)
     except ConfigError as error:
-        raise ModelFileError(f"{spec.path}: defaults: {error}") from None
+        try:
+            RunConfig.from_options(spec.defaults, {})
+        except ConfigError:
+            raise ModelFileError(f"{spec.path}: defaults: {error}") from None
+        # The file's defaults work alone: the options given conflict with them.
+        raise typer.BadParameter(f"{error} (with the defaults of {spec.path.name})") from None
     if no_clip:
         config = dataclasses.replace(config, clip=None)
     return spec, config

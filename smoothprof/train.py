@@ -68,8 +68,18 @@ class RunConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_options(cls, defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunConfig:
-        """Built-in defaults, then the model file's ``defaults``, then command-line values."""
+    def from_options(
+        cls,
+        defaults: Mapping[str, Any],
+        overrides: Mapping[str, Any],
+        *,
+        check_conflicts: bool = True,
+    ) -> RunConfig:
+        """Built-in defaults, then the model file's ``defaults``, then command-line values.
+
+        ``check_conflicts=False`` checks each value alone, not whether values that work alone
+        work together (e.g. ``hvp_method`` retained with several probe batches): for command-line
+        values checked before the file's defaults are known."""
         names = set(cls.option_names())
         unknown = sorted(set(defaults) - names)
         if unknown:
@@ -86,11 +96,12 @@ class RunConfig:
             config = cls(**values)
         except TypeError as error:
             raise ConfigError(str(error)) from None
-        config.validate()
+        config.validate(check_conflicts=check_conflicts)
         return config
 
-    def validate(self) -> None:
-        """Raise ConfigError for a value that cannot work."""
+    def validate(self, *, check_conflicts: bool = True) -> None:
+        """Raise ConfigError for a value that cannot work, or (``check_conflicts``) values
+        that cannot work together."""
         problems = []
         if not isinstance(self.steps, int) or self.steps <= 0:
             problems.append(f"steps must be a positive integer, got {self.steps!r}")
@@ -128,8 +139,13 @@ class RunConfig:
             )
         if not isinstance(self.probe_batches, int) or self.probe_batches <= 0:
             problems.append(f"probe_batches must be a positive integer, got {self.probe_batches!r}")
-        elif self.hvp_method == "retained" and (
-            self.retain_graphs is False or (self.retain_graphs is None and self.probe_batches > 1)
+        elif (
+            check_conflicts
+            and self.hvp_method == "retained"
+            and (
+                self.retain_graphs is False
+                or (self.retain_graphs is None and self.probe_batches > 1)
+            )
         ):
             problems.append(
                 "hvp_method retained keeps every probe batch's double-backward graph: allow it "

@@ -263,3 +263,32 @@ def test_repair_command(tmp_path, minimal_run):
     assert result.exit_code == 0, result.output
     assert "nothing to repair" in result.stdout
     assert_one_line_error(invoke("repair", tmp_path / "missing.h5"), "no such file")
+
+
+@pytest.mark.parametrize(
+    "defaults, options, exit_code, expected",
+    [
+        # The file allows the graphs: the option works with it.
+        ({"retain_graphs": True, "probe_batches": 2}, ["--hvp-method", "retained"], 0, None),
+        # The option conflicts with the file's defaults (and the built-in 4 batches): usage.
+        ({"probe_batches": 2}, ["--hvp-method", "retained"], 2, "retain_graphs"),
+        ({}, ["--hvp-method", "retained"], 2, "retain_graphs"),
+        # The file's defaults conflict among themselves: the file's problem.
+        ({"hvp_method": "retained", "probe_batches": 2}, [], 1, "defaults: hvp_method retained"),
+    ],
+)
+def test_options_are_judged_together_with_the_files_defaults(
+    tmp_path, defaults, options, exit_code, expected
+):
+    model_file = tmp_path / "model.py"
+    model_file.write_text(
+        (ASSETS / "good_minimal.py").read_text() + f"\n\ndefaults = {defaults!r}\n"
+    )
+    out = tmp_path / "x.h5"
+    result = invoke("run", model_file, "-o", out, "--steps", "2", *options)
+    assert result.exit_code == exit_code, result.output
+    if exit_code == 1:
+        assert_one_line_error(result, expected)
+    elif expected is not None:
+        assert expected in result.output
+    assert out.exists() == (exit_code == 0)
