@@ -17,7 +17,8 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -604,7 +605,7 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
     """Train while writing rows; on Ctrl-C or an error, close the file and say where it is."""
     steps_done = 0
     try:
-        with _progress(err, prepared.config.steps) as report:
+        with _progress(err, prepared.config.steps) as (report, report_hvp):
 
             def on_step(step: StepReport) -> None:
                 nonlocal steps_done
@@ -616,6 +617,7 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
                 on_probe=writer.append_probe,
                 on_train_row=writer.append_train,
                 on_step=on_step,
+                on_probe_hvp=report_hvp,
             )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the close
@@ -681,9 +683,18 @@ def _torch_version() -> str:
     return torch.__version__
 
 
+PROBE_NOTE_SECONDS = 30.0
+"""In a log, a probe still taking Hessian-vector products says so this often (seconds)."""
+
+StepReporter = Callable[[StepReport], None]
+HvpReporter = Callable[[int, int], None]
+
+
 @contextlib.contextmanager
-def _progress(console: Console, total: int) -> Iterator[Any]:
-    """A rich progress bar in a terminal; a plain line every tenth of the run in a log."""
+def _progress(console: Console, total: int) -> Iterator[tuple[StepReporter, HvpReporter]]:
+    """Report training steps and the HVPs of long probes: a rich progress bar in a terminal
+    (its status names the probe's HVPs while they run); in a log a plain line every tenth of
+    the run, and one every ``PROBE_NOTE_SECONDS`` while a probe is still at its HVPs."""
     if console.is_terminal:
         progress = Progress(
             TextColumn("step"),
@@ -696,31 +707,46 @@ def _progress(console: Console, total: int) -> Iterator[Any]:
         )
         with progress:
             task = progress.add_task("train", total=total, status="")
-            last_probe = ""
+            last = {"probe": "", "status": ""}
 
             def report(step: StepReport) -> None:
-                nonlocal last_probe
                 if step.probe is not None:
-                    last_probe = probe_line(step.probe)
-                status = f"loss {format_number(step.loss, 4)}  {last_probe}"
-                progress.update(task, completed=step.step + 1, status=status)
+                    last["probe"] = probe_line(step.probe)
+                last["status"] = f"loss {format_number(step.loss, 4)}  {last['probe']}"
+                progress.update(task, completed=step.step + 1, status=last["status"])
 
-            yield report
+            def report_hvp(step: int, count: int) -> None:
+                status = f"{last['status']}  probing step {step}: {count} HVPs".lstrip()
+                progress.update(task, status=status)
+
+            yield report, report_hvp
         return
     every = max(1, total // 10)
-    last = {"probe": ""}
+    last_probe = {"line": ""}
+    probing = {"step": -1, "started": 0.0, "noted": 0.0}
 
     def report_plain(step: StepReport) -> None:
         if step.probe is not None:
-            last["probe"] = probe_line(step.probe)
+            last_probe["line"] = probe_line(step.probe)
         if (step.step + 1) % every == 0 or step.step + 1 == total:
             console.print(
                 f"step {step.step + 1}/{total}  loss {format_number(step.loss, 4)}  "
-                f"{last['probe']}",
+                f"{last_probe['line']}",
                 markup=False,
             )
 
-    yield report_plain
+    def report_hvp_plain(step: int, count: int) -> None:
+        now = time.monotonic()
+        if probing["step"] != step:
+            probing.update(step=step, started=now, noted=now)
+        elif now - probing["noted"] >= PROBE_NOTE_SECONDS:
+            probing["noted"] = now
+            console.print(
+                f"probing step {step}: {count} HVPs in {now - probing['started']:.0f} s",
+                markup=False,
+            )
+
+    yield report_plain, report_hvp_plain
 
 
 def _read_noting_status(path: Path) -> Trajectory:

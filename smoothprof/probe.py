@@ -201,11 +201,20 @@ def _top_eigenpair(
     rtol: float,
     max_hvps: int,
     seed: int,
+    on_hvp: Callable[[], None] | None = None,
 ) -> HessianNorm:
     if start is None:
         start = _random_start(objective.parameters, seed)
     start = start.detach().reshape(-1).to(objective.parameters[0])
-    eig = lanczos_top_eigenpair(objective.hvp, start, rtol=rtol, max_matvecs=max_hvps)
+    matvec = objective.hvp
+    if on_hvp is not None:
+
+        def matvec(vector: torch.Tensor) -> torch.Tensor:
+            product = objective.hvp(vector)
+            on_hvp()
+            return product
+
+    eig = lanczos_top_eigenpair(matvec, start, rtol=rtol, max_matvecs=max_hvps)
     return HessianNorm(
         value=eig.value,
         eigenvalue=eig.eigenvalue,
@@ -290,6 +299,8 @@ class Probe:
 
     ``probe.records`` holds one ``ProbeRecord`` per probe; ``on_record`` (e.g. a
     ``TrajectoryWriter.append_probe``) is called with each as soon as it is complete.
+    ``on_hvp(step, count)``, for a display during long probes, is called after each
+    Hessian-vector product of the probe at ``step`` with the number taken so far.
 
     ``estimators`` selects "fd" (finite difference along the update), "hvp" (top Hessian
     eigenvalue) and "curvature" (g'Hg/||g||^2, the curvature along the gradient, one HVP);
@@ -333,6 +344,7 @@ class Probe:
         hvp_method: str = "auto",
         retain_graphs: bool | None = None,
         on_record: Callable[[ProbeRecord], None] | None = None,
+        on_hvp: Callable[[int, int], None] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
     ) -> None:
@@ -364,6 +376,7 @@ class Probe:
         self.hvp_timings: dict[str, float] = {}
         self.retain_graphs = retain_graphs
         self.on_record = on_record
+        self.on_hvp = on_hvp
         self.records: list[ProbeRecord] = []
         self.skipped = 0
         self.probe_seconds = 0.0
@@ -431,10 +444,19 @@ class Probe:
             if (want_hvp or want_curvature) and self.hvp_method == "auto":
                 self.hvp_method = self._choose_hvp_method(objective, gradient)
                 objective.hvp_method = self.hvp_method
+            hvps_taken = 0
+
+            def hvp_taken() -> None:
+                nonlocal hvps_taken
+                hvps_taken += 1
+                if self.on_hvp is not None:
+                    self.on_hvp(step, hvps_taken)
+
             curvature = math.nan
             if want_curvature and gradient_norm > 0:
                 unit = gradient / gradient_norm
                 curvature = float(torch.dot(unit, objective.hvp_with(objective.hvp_method, unit)))
+                hvp_taken()
             if want_hvp:
                 eig = _top_eigenpair(
                     objective,
@@ -442,6 +464,7 @@ class Probe:
                     rtol=self.rtol,
                     max_hvps=self.max_hvps,
                     seed=self.seed + step + 1,
+                    on_hvp=hvp_taken if self.on_hvp is not None else None,
                 )
                 objective.release()
                 if math.isfinite(eig.eigenvalue):

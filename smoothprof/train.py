@@ -349,8 +349,12 @@ def train(
     on_probe: Callable[[ProbeRecord], None] | None = None,
     on_train_row: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
+    on_probe_hvp: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Train for ``config.steps`` optimizer steps, probing on schedule.
+
+    ``on_probe``, ``on_train_row`` and ``on_step`` get each probe record, training row and
+    step as it is done; ``on_probe_hvp(step, count)`` each Hessian-vector product of a probe.
 
     Stops early, with ``diverged_at`` set, at the first non-finite loss or gradient norm (that
     step is recorded, no update is made).
@@ -374,6 +378,7 @@ def train(
         mode=config.probe_mode,
         seed=config.seed,
         on_record=on_probe,
+        on_hvp=on_probe_hvp,
         distributed=run.comm is not None,
         process_group=None if run.comm is None else run.comm.group,
     )

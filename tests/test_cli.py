@@ -1,10 +1,12 @@
 """Every command through typer's CliRunner: help, the happy path, and the user's mistakes."""
 
+import io
 import json
 import re
 
 import pytest
 from conftest import ASSETS, REPO
+from rich.console import Console
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -292,3 +294,20 @@ def test_options_are_judged_together_with_the_files_defaults(
     elif expected is not None:
         assert expected in result.output
     assert out.exists() == (exit_code == 0)
+
+
+def test_a_long_probe_says_so_in_a_log(tmp_path, monkeypatch):
+    monkeypatch.setattr("smoothprof.cli.PROBE_NOTE_SECONDS", 0.0)
+    result = invoke("run", ASSETS / "good_minimal.py", "-o", tmp_path / "x.h5", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^probing step 0: \d+ HVPs in \d+ s$", result.output, re.MULTILINE)
+
+
+def test_the_progress_bar_names_a_running_probes_hvps():
+    from smoothprof.cli import _progress
+
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=120)
+    with _progress(console, 10) as (_, report_hvp):
+        report_hvp(3, 7)
+    assert "probing step 3: 7 HVPs" in stream.getvalue()

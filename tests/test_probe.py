@@ -414,3 +414,17 @@ def test_writing_a_row_counts_as_probing_for_the_overhead_cap():
     with probe.around_step(0):
         pass
     assert probe.probe_seconds >= probe.records[0].seconds + 0.05
+
+
+def test_on_hvp_counts_every_product_of_each_probe():
+    _, model, loss_fn, batches = small_models()[0]
+    calls = []
+    probe = Probe(model, loss_fn, batches, every=2, on_hvp=lambda step, n: calls.append((step, n)))
+    for step in range(4):
+        with probe.around_step(step):
+            pass
+    for record in probe.records:
+        counts = [n for step, n in calls if step == record.step]
+        # The curvature along the gradient's product, then the eigen-solver's.
+        assert counts == list(range(1, record.hvp_count + 2))
+    assert {step for step, _ in calls} == {0, 2}
