@@ -65,8 +65,8 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def double_backward_backends(device: torch.device) -> Iterator[None]:
     """Kernels that have a double backward, and a fast one: cuDNN off (its RNNs have none), math
-    attention, and train-mode batch norm from its batch statistics (``BatchNormFromStatistics``).
-    The probe evaluates f only in here, so every value it compares is the same function."""
+    attention, and ``ProbeKernels`` (batch norm and CPU LSTMs from cheaper pieces). The probe
+    evaluates f only in here, so every value it compares is the same function."""
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
@@ -76,11 +76,13 @@ def double_backward_backends(device: torch.device) -> Iterator[None]:
             pass
         else:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        stack.enter_context(BatchNormFromStatistics())
+        stack.enter_context(ProbeKernels())
         yield
 
 
 _BATCH_NORM_SIGNATURE = inspect.signature(nn.functional.batch_norm)
+_FLOATS = (torch.float32, torch.float64)
+_VF_LSTM = torch._VF.lstm
 
 
 def batch_norm_from_statistics(
@@ -101,15 +103,67 @@ def batch_norm_from_statistics(
     return torch.addcmul(shift, x, scale)
 
 
-class BatchNormFromStatistics(TorchFunctionMode):
-    """Evaluate train-mode ``F.batch_norm`` as ``batch_norm_from_statistics``.
+def lstm_from_cells(
+    x: torch.Tensor,
+    hx: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    has_biases: bool,
+    num_layers: int,
+    bidirectional: bool,
+    batch_first: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch._VF.lstm`` (what ``nn.LSTM`` calls; no projections, no dropout) from its cell
+    equations: per layer and direction one product for the input of every time step, then per
+    step ``gates = x W_ih' + h W_hh' + b``, ``c = sigmoid(f) c + sigmoid(i) tanh(g)``,
+    ``h = sigmoid(o) tanh(c)``. Returns ``(output, h_n, c_n)`` as ``_VF.lstm`` does."""
+    h0, c0 = hx
+    layer_input = x.transpose(0, 1) if batch_first else x  # (time, batch, features)
+    directions = 2 if bidirectional else 1
+    per_direction = 4 if has_biases else 2
+    last_h, last_c = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w_ih, w_hh, *biases = weights[index * per_direction : (index + 1) * per_direction]
+            bias = biases[0] + biases[1] if biases else None
+            inputs = nn.functional.linear(layer_input, w_ih, bias).unbind(0)
+            if direction == 1:
+                inputs = inputs[::-1]
+            h, c, w_hh_t = h0[index], c0[index], w_hh.t()
+            hs = []
+            for step_input in inputs:
+                i, f, g, o = torch.addmm(step_input, h, w_hh_t).chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                hs.append(h)
+            if direction == 1:
+                hs.reverse()
+            outputs.append(torch.stack(hs))
+            last_h.append(h)
+            last_c.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    return output, torch.stack(last_h), torch.stack(last_c)
 
-    The same function up to rounding, whose graph autograd differentiates twice for less than
-    ATen's batch-norm double backward (many full-size products): in
-    ``benchmarks/probe_speed.py`` the CNN's HVP drops from about 2.4 to 1.6 gradients.
-    Running statistics are not updated (the probe restores them anyway). Eval mode, other
-    dtypes than float32 / float64 (ATen accumulates half precision in float32), and a batch of
-    one value per channel (ATen raises) go to ATen as they are.
+
+class ProbeKernels(TorchFunctionMode):
+    """The probe's own pieces for two ATen kernels whose double backward is slow.
+
+    - Train-mode ``F.batch_norm`` as ``batch_norm_from_statistics``: ATen's batch-norm double
+      backward runs many full-size products; in ``benchmarks/probe_speed.py`` the CNN's HVP drops
+      from about 2.4 to 1.6 gradients. Running statistics are not updated (the probe restores
+      them anyway).
+    - ``nn.LSTM`` on the CPU as ``lstm_from_cells``: ATen's differentiable LSTM slices every
+      time step out of the whole sequence, and autograd pays for each slice with a zero-filled
+      tensor of the sequence's size; the benchmark's char-LSTM HVP drops from about 8.5 to 6.5
+      gradients.
+
+    The same functions up to rounding (tests hold them to 1e-12 of ATen's in float64). Anything
+    else goes to ATen as it is: eval-mode batch norm, dtypes other than float32 / float64 (ATen
+    accumulates half precision in float32), a batch of one value per channel (ATen raises);
+    LSTMs on other devices (measured on the CPU only), with projections, dropout between layers
+    in training, packed sequences or no time steps.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -121,12 +175,29 @@ class BatchNormFromStatistics(TorchFunctionMode):
             x = arguments["input"]
             if (
                 arguments["training"]
-                and x.dtype in (torch.float32, torch.float64)
+                and x.dtype in _FLOATS
                 and x.dim() >= 2
                 and x.numel() > x.shape[1]
             ):
                 return batch_norm_from_statistics(
                     x, arguments["weight"], arguments["bias"], arguments["eps"]
+                )
+        elif func is _VF_LSTM and not kwargs and len(args) == 9:
+            x, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first = (
+                args
+            )
+            directions = 2 if bidirectional else 1
+            if (
+                isinstance(hx, (list, tuple))  # not a packed sequence's batch sizes
+                and x.device.type == "cpu"
+                and x.dtype in _FLOATS
+                and x.dim() == 3
+                and x.shape[1 if batch_first else 0] > 0
+                and len(weights) == num_layers * directions * (4 if has_biases else 2)
+                and (dropout == 0 or not train or num_layers == 1)
+            ):
+                return lstm_from_cells(
+                    x, hx, weights, has_biases, num_layers, bidirectional, batch_first
                 )
         return func(*args, **kwargs)
 

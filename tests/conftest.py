@@ -80,6 +80,19 @@ class TinyRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class TinyLSTM(nn.Module):
+    """Two layers, bidirectional: every path of the probe's own LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(2, 3, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
 def small_models():
     """(name, model, loss_fn, batches): float64, a few dozen parameters each."""
     torch.manual_seed(0)
@@ -103,11 +116,16 @@ def small_models():
         (torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
         for _ in range(2)
     ]
+    lstm = TinyLSTM().double()
+    lstm_batches = [
+        (torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64))
+    ]
     return [
         ("mlp-tanh", mlp, cross_entropy_loss, mlp_batches),
         ("cnn", cnn, cross_entropy_loss, cnn_batches),
         ("rnn", rnn, mse_loss, rnn_batches),
         ("cnn-batchnorm", cnn_bn, cross_entropy_loss, cnn_bn_batches),
+        ("lstm", lstm, mse_loss, lstm_batches),
     ]
 
 

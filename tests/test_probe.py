@@ -14,7 +14,7 @@ from torch import nn
 from smoothprof import Probe, hessian_norm
 from smoothprof.objective import (
     HVP_METHODS,
-    BatchNormFromStatistics,
+    ProbeKernels,
     ProbeObjective,
     double_backward_backends,
     flatten,
@@ -379,7 +379,7 @@ def test_batch_norm_from_statistics_is_atens_train_mode_batch_norm(shape, affine
     x = 3 * torch.randn(shape, dtype=torch.float64) + 1
     expected = layer(x)
     running = (layer.running_mean.clone(), layer.running_var.clone())
-    with BatchNormFromStatistics():
+    with ProbeKernels():
         value = layer(x)
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     # The probe restores running statistics anyway; the composite leaves them alone.
@@ -392,7 +392,7 @@ def test_batch_norm_from_statistics_leaves_eval_mode_and_atens_errors_to_aten():
     with torch.no_grad():
         layer.running_mean.fill_(2.0)
     x = torch.randn(4, 3)
-    with BatchNormFromStatistics():
+    with ProbeKernels():
         torch.testing.assert_close(layer(x), (x - 2.0) / math.sqrt(1 + layer.eps))
         layer.train()
         with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -428,3 +428,58 @@ def test_on_hvp_counts_every_product_of_each_probe():
         # The curvature along the gradient's product, then the eigen-solver's.
         assert counts == list(range(1, record.hvp_count + 2))
     assert {step for step, _ in calls} == {0, 2}
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("state", ["zero", "given"])
+def test_the_probes_lstm_is_atens(num_layers, bidirectional, batch_first, bias, state, monkeypatch):
+    import smoothprof.objective as objective_module
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(
+        3, 4, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
+        bias=bias, dropout=0.5 if num_layers > 1 else 0.0,
+    ).double().eval()  # fmt: skip
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    batch = 2 if batch_first else 5
+    shape = (num_layers * (2 if bidirectional else 1), batch, 4)
+    hx = None
+    if state == "given":
+        hx = (torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64))
+    expected, (h_n, c_n) = lstm(x, hx)
+    used = []
+    original = objective_module.lstm_from_cells
+    monkeypatch.setattr(
+        objective_module, "lstm_from_cells", lambda *a: used.append(1) or original(*a)
+    )
+    with ProbeKernels():
+        value, (h, c) = lstm(x, hx)
+    assert used
+    for mine, atens in ((value, expected), (h, h_n), (c, c_n)):
+        torch.testing.assert_close(mine, atens, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+def test_the_probe_leaves_lstms_it_does_not_rebuild_to_aten(monkeypatch):
+    import smoothprof.objective as objective_module
+
+    monkeypatch.setattr(
+        objective_module, "lstm_from_cells", lambda *a: pytest.fail("rebuilt an LSTM")
+    )
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    cases = [
+        (nn.LSTM(3, 4, proj_size=2), x),  # projections
+        (nn.LSTM(3, 4, num_layers=2, dropout=0.5).train(), x),  # dropout between layers
+        (
+            nn.LSTM(3, 4, batch_first=True),
+            nn.utils.rnn.pack_padded_sequence(x, [5, 3], batch_first=True, enforce_sorted=False),
+        ),
+        (nn.LSTM(3, 4).to(torch.bfloat16), x.to(torch.bfloat16)),
+    ]
+    for lstm, inputs in cases:
+        with ProbeKernels():
+            lstm(inputs)
