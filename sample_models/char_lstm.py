@@ -28,7 +28,7 @@ What to expect
 With the defaults below (plain SGD at lr 5 with gradient-norm clipping at 0.25, the AWD-LSTM
 threshold, for 600 steps of 32 x 50 characters) the training itself takes 5 to 15 s on two CPU
 cores and the 26 log-spaced probes (``probe_schedule``, 2 ``probe_batches``, their graphs
-retained) about 25 s: about half a minute in all. The probe loss falls from 4.59 (chance) to
+retained) about 15 s: about 20 s in all. The probe loss falls from 4.59 (chance) to
 ~3.0 by step 20 and ~1.6 by step 500 as the LSTM learns words, indentation and brackets.
 Clipping acts on every step for the first ~30 steps and on about one in six after that (a
 quarter of all steps).
