@@ -94,10 +94,6 @@ defaults = {
     "probe_batches": 2,
     # Both batches' double-backward graphs take about 80 MiB: keep them for the cheapest HVPs.
     "retain_graphs": True,
-    # A probe (about ten Hessian-vector products through the LSTM) costs dozens of training
-    # steps: lift smoothprof's default cap of 25% (meant for long runs), so every machine probes
-    # the same steps.
-    "max_overhead": None,
 }
 
 

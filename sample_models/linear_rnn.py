@@ -88,9 +88,6 @@ defaults = {
     "probe_batches": 2,
     # Both batches' double-backward graphs take about 1 MiB: keep them for the cheapest HVPs.
     "retain_graphs": True,
-    # A training step here takes a few milliseconds, so a picture worth fitting costs several
-    # times the training time: lift smoothprof's default cap of 25% (meant for real models).
-    "max_overhead": None,
 }
 
 

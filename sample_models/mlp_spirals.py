@@ -48,9 +48,6 @@ defaults = {
     "probe_batches": 2,
     # Both batches' double-backward graphs take about 0.2 MiB: keep them for the cheapest HVPs.
     "retain_graphs": True,
-    # A training step here takes about a millisecond, so 60 probes cost several times the
-    # training time: lift smoothprof's default cap of 25% (meant for real models).
-    "max_overhead": None,
 }
 
 

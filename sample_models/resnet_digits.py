@@ -66,9 +66,6 @@ defaults = {
     # Both batches' double-backward graphs take about 5 MiB: keep them for the cheapest HVPs
     # (rebuilding the graph per product is several times slower here).
     "retain_graphs": True,
-    # A probe costs several training steps here: lift smoothprof's default cap of 25% (meant
-    # for real models), so every machine probes the same steps.
-    "max_overhead": None,
 }
 
 

@@ -39,6 +39,7 @@ from rich.text import Text
 
 from . import __version__, distributed
 from .compare import CompareError, compare_runs, comparison_as_json
+from .cost import ProbingCost, first_probe_note, probe_work
 from .display import (
     ESTIMATOR_COLUMNS,
     ESTIMATOR_LABELS,
@@ -59,6 +60,7 @@ from .fit import MIN_POINTS, EnvelopeFit, FitError, correlation_after_step, fit_
 from .loading import ModelFileError, load_model_file
 from .recommend import WEAK_CORRELATION, ProfilingRun, Recommendations, recommend
 from .report import ReportError, require_matplotlib, write_report
+from .schedule import BUDGET_FLOOR, DEFAULT_NUM_PROBES
 from .train import (
     ESTIMATORS,
     OPTIMIZERS,
@@ -66,6 +68,7 @@ from .train import (
     PreparedRun,
     RunConfig,
     StepReport,
+    planned_probe_steps,
     prepare_run,
     save_state_dict,
     train,
@@ -243,12 +246,24 @@ def run(
     ] = False,
     probe_every: Annotated[
         int | None,
-        typer.Option(min=0, help="Probe every K steps; 0 turns probing off [default: 10]."),
+        typer.Option(
+            min=0,
+            help="Probe every K steps (the every schedule); 0 turns probing off "
+            "[default: the auto schedule].",
+        ),
     ] = None,
     probe_schedule: Annotated[
         str | None,
         typer.Option(
-            help="every (every K steps) or log (log-spaced, dense early) [default: every]."
+            help="auto (--num-probes spread over the run: half evenly, half log-spaced), every "
+            "(every --probe-every steps) or log (--probes-per-decade) [default: auto; every "
+            "when --probe-every is given].",
+        ),
+    ] = None,
+    num_probes: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help=f"Probes of the auto schedule [default: {DEFAULT_NUM_PROBES}]."
         ),
     ] = None,
     probes_per_decade: Annotated[
@@ -259,8 +274,10 @@ def run(
         float | None,
         typer.Option(
             envvar="SMOOTHPROF_MAX_OVERHEAD",
-            help="Skip a due probe when it would take probing over this fraction of the "
-            "training time (inf: never skip) [default: 0.25].",
+            help="A time budget: skip a due probe when it would take probing over this "
+            f"fraction of the training time, but never {BUDGET_FLOOR} probes spread over the "
+            "run (then which steps are probed depends on the machine's speed) [default: none, "
+            "every scheduled probe runs].",
         ),
     ] = None,
     hvp_method: Annotated[
@@ -336,6 +353,7 @@ def run(
         "steps": steps, "lr": lr, "optimizer": optimizer, "clip": clip,
         "probe_every": probe_every, "probe_batches": probe_batches, "rtol": rtol,
         "probe_schedule": probe_schedule, "probes_per_decade": probes_per_decade,
+        "num_probes": num_probes,
         "max_overhead": max_overhead, "hvp_method": hvp_method, "retain_graphs": retain_graphs,
         "max_hvps": max_hvps, "seed": seed, "device": device, "probe_mode": probe_mode,
     }  # fmt: skip
@@ -418,6 +436,16 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         f"device {prepared.device}{processes}",
         markup=False,
     )
+    if config.overhead_cap is not None and config.probe_every != 0:
+        planned = len(planned_probe_steps(config))
+        floor = min(planned, BUDGET_FLOOR)
+        err.print(
+            f"time budget (--max-overhead {config.overhead_cap:g}): of the {planned} scheduled "
+            f"probes, any beyond {floor} spread over the run are skipped when probing would "
+            f"exceed {config.overhead_cap:.0%} of the training time, so which steps are "
+            "probed depends on this machine's speed",
+            markup=False,
+        )
 
 
 def _print_summary(
@@ -428,28 +456,38 @@ def _print_summary(
     err = _error_console()
     console = _stdout_console(_output_width(None))
     converged = sum(r.hessian_converged for r in result.probes)
-    console.print(
-        f"wrote {output}: {result.steps_done} steps, {len(result.probes)} probes "
-        f"({converged} Hessian norms certified), final loss {format_number(result.final_loss)}, "
-        f"{result.seconds:.1f} s",
-        markup=False,
+    certified = (
+        f" ({converged} of {len(result.probes)} Hessian norms certified)"
+        if "hvp" in config.estimators and result.probes
+        else ""
     )
+    console.print(
+        f"wrote {output}: {_amount(result.steps_done, 'step')}, "
+        f"{_amount(len(result.probes), 'probe')}{certified}, "
+        f"final loss {format_number(result.final_loss)}, {result.seconds:.1f} s",
+        markup=False,
+        soft_wrap=True,
+    )
+    if result.probes:
+        console.print(_probing_cost(prepared, result).summary(), markup=False, soft_wrap=True)
     if result.probes_skipped:
         console.print(
-            f"skipped {result.probes_skipped} due probes to keep probing under "
+            f"skipped {_amount(result.probes_skipped, 'due probe')} to keep probing under "
             f"{config.overhead_cap:.0%} of the training time (--max-overhead)",
             markup=False,
+            soft_wrap=True,
         )
     if save_model is not None:
-        console.print(f"saved the final state_dict to {save_model}", markup=False)
+        console.print(f"saved the final state_dict to {save_model}", markup=False, soft_wrap=True)
     if result.diverged:
         err.print(
             f"diverged: non-finite loss or gradient at step {result.diverged_at}; "
             f"earlier rows are kept in {output}",
             markup=False,
+            soft_wrap=True,
         )
         raise typer.Exit(EXIT_DIVERGED)
-    console.print(f"next: smoothprof fit {output}", markup=False)
+    console.print(f"next: smoothprof fit {output}", markup=False, soft_wrap=True)
 
 
 class _NoFile:
@@ -586,9 +624,55 @@ def _agree_on_errors(comm: Any, problem: Exception | None, debug: bool) -> None:
 def _schedule_text(config: RunConfig) -> str:
     if config.probe_every == 0:
         return "no probes"
+    planned = _amount(len(planned_probe_steps(config)), "probe")
     if config.probe_schedule == "log":
-        return f"probes log-spaced ({config.probes_per_decade:g} per decade)"
-    return f"probe every {config.probe_every}"
+        return f"{planned} log-spaced ({config.probes_per_decade:g} per decade)"
+    if config.probe_schedule == "every":
+        return f"{planned}, every {config.probe_every} steps"
+    return f"{planned} spread over the run"
+
+
+def _amount(count: int, noun: str) -> str:
+    return f"{count:,} {noun if count == 1 else noun + 's'}"
+
+
+def _probe_work(prepared: PreparedRun, probes: list[Any]) -> Any:
+    config = prepared.config
+    return probe_work(
+        [r.hvp_count for r in probes],
+        num_batches=len(prepared.probe_batches),
+        estimators=config.estimators,
+        num_fd_points=len(config.fd_points),
+    )
+
+
+def _probing_cost(prepared: PreparedRun, result: Any) -> ProbingCost:
+    return ProbingCost(
+        num_probes=len(result.probes),
+        probe_seconds=result.probe_seconds,
+        run_seconds=result.seconds,
+        steps_done=result.steps_done,
+        work=_probe_work(prepared, result.probes),
+    )
+
+
+def _cheaper_probe_options(config: RunConfig, num_batches: int) -> list[str]:
+    """The options that would cut probing's cost, as the user would type them."""
+    cuts = []
+    if config.probe_schedule == "auto":
+        cuts.append(f"--num-probes {max(BUDGET_FLOOR, config.num_probes // 3)} (fewer probes)")
+    elif config.probe_schedule == "every":
+        cuts.append(f"--probe-every {3 * (config.probe_every or 1)} (fewer probes)")
+    else:
+        cuts.append(f"--probes-per-decade {config.probes_per_decade / 3:g} (fewer probes)")
+    if num_batches > 1:
+        cuts.append("--probe-batches 1 (each product on one batch)")
+    if "hvp" in config.estimators:
+        cuts.append(
+            f"--max-hvps {min(20, config.max_hvps)} (a shorter eigen-solve, certified less often)"
+        )
+        cuts.append("--estimators fd (the paper's finite difference only: no HVPs)")
+    return cuts
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -602,15 +686,30 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bool) -> Any:
-    """Train while writing rows; on Ctrl-C or an error, close the file and say where it is."""
-    steps_done = 0
+    """Train while writing rows; on Ctrl-C or an error, close the file and say where it is.
+    After the first probe, say when the schedule's probes would cost far more than training."""
+    steps_done, noted = 0, False
     try:
         with _progress(err, prepared.config.steps) as (report, report_hvp):
 
             def on_step(step: StepReport) -> None:
-                nonlocal steps_done
+                nonlocal steps_done, noted
                 steps_done = step.step + 1
                 report(step)
+                if step.probe is not None and not noted:
+                    noted = True
+                    note = first_probe_note(
+                        probe_seconds=step.probe.seconds,
+                        step_seconds=step.train_seconds / steps_done,
+                        num_probes=len(planned_probe_steps(prepared.config)),
+                        num_steps=prepared.config.steps,
+                        work=_probe_work(prepared, [step.probe]),
+                        cuts=_cheaper_probe_options(
+                            prepared.config, len(prepared.probe_batches)
+                        ),
+                    )
+                    if note is not None:
+                        err.print(note, markup=False)
 
             result = train(
                 prepared,

@@ -145,7 +145,8 @@ def fit_envelope(
     if n < MIN_POINTS:
         raise FitError(
             f"need at least {MIN_POINTS} points with finite positive gradient norm "
-            f"and smoothness, got {n}"
+            f"and smoothness, got {n}; probe more steps: `smoothprof run MODEL.py --num-probes 30`"
+            " (or a smaller --probe-every)"
         )
 
     L0, L1 = quantile_envelope(g, L, quantile)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from .objective import (
     trainable_parameters,
     unflatten,
 )
+from .schedule import BUDGET_FLOOR, Schedule, as_schedule, every_k_steps
 
 ESTIMATORS = ("fd", "hvp", "curvature")
 MODES = ("train", "eval")
@@ -225,32 +226,6 @@ def _top_eigenpair(
     )
 
 
-def every_k_steps(every: int) -> Callable[[int], bool]:
-    """Probe at steps 0, k, 2k, ...; ``every=0`` never probes."""
-    if every < 0:
-        raise ValueError(f"probe interval must be >= 0, got {every}")
-    if every == 0:
-        return lambda step: False
-    return lambda step: step % every == 0
-
-
-def log_spaced_steps(per_decade: float = 10.0) -> Callable[[int], bool]:
-    """Probe at step 0 and about ``per_decade`` steps per decade after it (1, 2, 3, ..., 10, 13,
-    16, 20, ...): dense while the early trajectory changes fast, sparse later (Cockpit's
-    logarithmic schedule)."""
-    if per_decade <= 0:
-        raise ValueError(f"per_decade must be positive, got {per_decade}")
-
-    def due(step: int) -> bool:
-        if step <= 1:
-            return step >= 0
-        return math.floor(per_decade * math.log10(step)) > math.floor(
-            per_decade * math.log10(step - 1)
-        )
-
-    return due
-
-
 def fastest_hvp_method(
     objective: ProbeObjective, vector: torch.Tensor, *, repeats: int = 2
 ) -> tuple[str, dict[str, float]]:
@@ -307,12 +282,15 @@ class Probe:
     ``fd_points`` are the fractions gamma of the update where the gradient is taken; ``mode`` is
     the train/eval mode the probe objective is evaluated in ("train" as the paper's code,
     "eval", or None for the model's own mode at the time). ``schedule`` (a function of the step,
-    e.g. ``log_spaced_steps()``) overrides ``every``. ``max_overhead`` (e.g. 0.25) skips a due
-    probe when it would take the time spent probing (``on_record`` included; the next probe
-    counted at the last one's cost) over that fraction of the time spent training, so a run
-    takes at most about (1 + max_overhead) times as long as without probes; the first due
-    probe always runs. ``hvp_method`` is one of
-    ``objective.HVP_METHODS`` or "auto" (the fastest that works, timed at the first probe);
+    e.g. ``schedule.log_spaced_steps()``, or a collection of steps, e.g.
+    ``schedule.spread_steps(num_steps)``) overrides ``every``; the probe takes every probe its
+    schedule names. A time budget is opt-in: ``max_overhead`` (e.g. 0.25) skips a due probe when
+    it would take the time spent probing (``on_record`` included; the next probe counted at the
+    last one's cost) over that fraction of the time spent training, except the probes at
+    ``floor_steps`` (default: the first ``schedule.BUDGET_FLOOR`` due probes), which always run
+    so that a fit has its points. Only this budget makes what is measured depend on a clock.
+    ``hvp_method`` is one of ``objective.HVP_METHODS`` or "auto" (the first of them, in that
+    order, that works on the model: chosen at the first probe, by trying, not by timing);
     ``retain_graphs`` allows the "retained" method to keep every probe batch's graph at once
     (default: only for a single batch).
 
@@ -333,8 +311,9 @@ class Probe:
         batches: Sequence[Any],
         *,
         every: int = 10,
-        schedule: Callable[[int], bool] | None = None,
+        schedule: Schedule | Collection[int] | None = None,
         max_overhead: float | None = None,
+        floor_steps: Collection[int] | None = None,
         estimators: Sequence[str] = ESTIMATORS,
         rtol: float = 1e-3,
         max_hvps: int = 100,
@@ -364,8 +343,9 @@ class Probe:
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("the probe needs at least one batch")
-        self.schedule = schedule if schedule is not None else every_k_steps(every)
+        self.schedule = as_schedule(schedule) if schedule is not None else every_k_steps(every)
         self.max_overhead = max_overhead
+        self.floor_steps = None if floor_steps is None else frozenset(floor_steps)
         self.estimators = tuple(estimators)
         self.rtol = rtol
         self.max_hvps = max_hvps
@@ -373,7 +353,6 @@ class Probe:
         self.mode = mode
         self.seed = seed
         self.hvp_method = hvp_method
-        self.hvp_timings: dict[str, float] = {}
         self.retain_graphs = retain_graphs
         self.on_record = on_record
         self.on_hvp = on_hvp
@@ -389,13 +368,14 @@ class Probe:
         return trainable_parameters(self.model)
 
     def is_due(self, step: int) -> bool:
-        """Whether to probe at ``step``: the schedule says so and the overhead budget allows."""
+        """Whether to probe at ``step``: the schedule says so and, when a time budget is set, the
+        budget allows or the step is one of the floor's."""
         now = time.perf_counter()
         if self._started is None:
             self._started = now
         if not self.schedule(step):
             return False
-        if self.max_overhead is not None and self.records:
+        if self.max_overhead is not None and not self._in_floor(step):
             training_seconds = now - self._started - self.probe_seconds
             # Would this probe, costing what the last one did, take probing over the budget?
             expected = self.probe_seconds + self.records[-1].seconds
@@ -406,6 +386,12 @@ class Probe:
                 self.skipped += 1
                 return False
         return True
+
+    def _in_floor(self, step: int) -> bool:
+        """Whether the time budget must leave the probe at ``step`` alone."""
+        if self.floor_steps is None:
+            return len(self.records) < BUDGET_FLOOR
+        return step in self.floor_steps or not self.records
 
     @contextlib.contextmanager
     def around_step(self, step: int) -> Iterator[None]:
@@ -483,21 +469,21 @@ class Probe:
         }
 
     def _choose_hvp_method(self, objective: ProbeObjective, gradient: torch.Tensor) -> str:
-        """The retained graph when it works (the fastest on every model measured, see
-        benchmarks/probe_speed.py, and no timing makes the choice repeatable); otherwise the
-        fastest of the others, timed on this objective."""
+        """The first of ``HVP_METHODS`` that works on this objective, in their order: the retained
+        graph (the fastest on every model measured, see benchmarks/probe_speed.py) when allowed,
+        then a graph rebuilt per product, then forward-over-reverse. Chosen by trying, never by
+        timing, so the same options measure with the same arithmetic on any machine. With several
+        ranks a method that fails on one fails on all (``hvp_with``), so they choose alike."""
         direction = gradient if bool(torch.any(gradient != 0)) else torch.ones_like(gradient)
-        if "retained" in objective.available_hvp_methods():
+        errors: list[Exception] = []
+        for method in objective.available_hvp_methods():
             try:
-                objective.hvp_with("retained", direction)
-            except Exception:  # a method that fails here is skipped, never fatal
-                pass
-            else:
-                return "retained"
-        method, self.hvp_timings = fastest_hvp_method(objective, direction)
-        if self.comm is not None:  # rank 0's timings decide for all
-            method, self.hvp_timings = self.comm.from_rank0((method, self.hvp_timings))
-        return method
+                objective.hvp_with(method, direction)
+            except Exception as error:  # a method that fails here is skipped, never fatal
+                errors.append(error)
+                continue
+            return method
+        raise errors[0]
 
     def after_step(self, *, update_made: bool = True) -> ProbeRecord:
         """Finish the pending probe with the finite difference along the update just made."""

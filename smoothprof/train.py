@@ -21,18 +21,25 @@ import torch
 from .distributed import Communicator, shard_dataloader
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import HVP_METHODS, trainable_parameters
-from .probe import (
-    ESTIMATORS,
-    MODES,
-    Probe,
-    ProbeRecord,
+from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
+from .schedule import (
+    BUDGET_FLOOR,
+    DEFAULT_NUM_PROBES,
+    evenly_chosen,
     every_k_steps,
     log_spaced_steps,
-    unchanged_model_state,
+    spread_steps,
+    steps_in,
 )
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-SCHEDULES = ("every", "log")
+SCHEDULES = ("auto", "every", "log")
+"""auto: ``num_probes`` probes spread over the run (``schedule.spread_steps``); every: every
+``probe_every`` steps; log: ``probes_per_decade`` log-spaced probes per decade of steps."""
+DEFAULT_PROBE_EVERY = 10
+SCHEDULE_OPTIONS = ("probe_schedule", "probe_every", "num_probes", "probes_per_decade")
+"""The options that together say when to probe: given on the command line, they replace the
+model file's, all of them, so that a file's ``probe_every`` never mixes with ``--num-probes``."""
 
 
 class ConfigError(ValueError):
@@ -48,10 +55,11 @@ class RunConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     clip: float | None = None
-    probe_every: int = 10
-    probe_schedule: str = "every"
+    probe_schedule: str = "auto"
+    probe_every: int | None = None
+    num_probes: int = DEFAULT_NUM_PROBES
     probes_per_decade: float = 10.0
-    max_overhead: float | None = 0.25
+    max_overhead: float | None = None
     hvp_method: str = "auto"
     retain_graphs: bool | None = None
     probe_batches: int = 4
@@ -77,6 +85,10 @@ class RunConfig:
     ) -> RunConfig:
         """Built-in defaults, then the model file's ``defaults``, then command-line values.
 
+        The schedule options (``SCHEDULE_OPTIONS``) go together: any of them given on the
+        command line replaces all of the file's. ``probe_every`` alone means the ``every``
+        schedule; an option that the chosen schedule would not use is an error, not ignored.
+
         ``check_conflicts=False`` checks each value alone, not whether values that work alone
         work together (e.g. ``hvp_method`` retained with several probe batches): for command-line
         values checked before the file's defaults are known."""
@@ -87,7 +99,11 @@ class RunConfig:
                 f"unknown option(s) in defaults: {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(names))}"
             )
-        values = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if any(key in given for key in SCHEDULE_OPTIONS):
+            defaults = {k: v for k, v in defaults.items() if k not in SCHEDULE_OPTIONS}
+        values = {**defaults, **given}
+        values.update(_resolved_schedule(values))
         for key in ("estimators", "fd_points"):
             if key in values and not isinstance(values[key], tuple):
                 raw = values[key]
@@ -119,8 +135,12 @@ class RunConfig:
                 f"unknown estimator(s) {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(ESTIMATORS)}"
             )
-        if not isinstance(self.probe_every, int) or self.probe_every < 0:
+        if self.probe_every is not None and (
+            not isinstance(self.probe_every, int) or self.probe_every < 0
+        ):
             problems.append(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        if not isinstance(self.num_probes, int) or self.num_probes < 0:
+            problems.append(f"num_probes must be an integer >= 0, got {self.num_probes!r}")
         if self.probe_schedule not in SCHEDULES:
             problems.append(
                 f"probe_schedule must be one of {', '.join(SCHEDULES)}, got {self.probe_schedule!r}"
@@ -184,14 +204,56 @@ class RunConfig:
         return data
 
 
+def _resolved_schedule(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The schedule that the given option values ask for, or ConfigError for options that the
+    schedule would not use (never silently ignored)."""
+    every = values.get("probe_every")
+    schedule = values.get("probe_schedule")
+    if schedule is None:
+        schedule = "every" if every is not None else "auto"
+    if every == 0:  # no probes, whatever the schedule
+        return {"probe_schedule": schedule}
+    unused = {
+        "auto": ("probe_every", "probes_per_decade"),
+        "every": ("num_probes", "probes_per_decade"),
+        "log": ("probe_every", "num_probes"),
+    }.get(schedule, ())
+    extra = [name for name in unused if values.get(name) is not None]
+    if extra:
+        flags = " and ".join("--" + name.replace("_", "-") for name in extra)
+        verb = "does" if len(extra) == 1 else "do"
+        raise ConfigError(
+            f"{flags} {verb} not apply to probe_schedule {schedule} (--probe-schedule); "
+            "auto takes --num-probes, every --probe-every, log --probes-per-decade"
+        )
+    if schedule == "every" and every is None:
+        return {"probe_schedule": schedule, "probe_every": DEFAULT_PROBE_EVERY}
+    return {"probe_schedule": schedule}
+
+
 def probe_schedule(config: RunConfig) -> Callable[[int], bool]:
-    """The steps to probe at: every ``probe_every`` steps, or log-spaced; never with
-    ``probe_every=0``."""
+    """The steps to probe at: ``num_probes`` spread over the run, every ``probe_every`` steps,
+    or log-spaced; never with ``probe_every=0``. A function of the options alone."""
     if config.probe_every == 0:
         return every_k_steps(0)
     if config.probe_schedule == "log":
         return log_spaced_steps(config.probes_per_decade)
-    return every_k_steps(config.probe_every)
+    if config.probe_schedule == "every":
+        return every_k_steps(config.probe_every or DEFAULT_PROBE_EVERY)
+    return frozenset(spread_steps(config.steps, config.num_probes)).__contains__
+
+
+def planned_probe_steps(config: RunConfig) -> tuple[int, ...]:
+    """Every step the run's schedule probes, in order."""
+    if config.probe_schedule == "auto" and config.probe_every != 0:
+        return spread_steps(config.steps, config.num_probes)
+    return steps_in(probe_schedule(config), config.steps)
+
+
+def budget_floor_steps(config: RunConfig) -> tuple[int, ...]:
+    """The probes a time budget (``max_overhead``) never skips: ``BUDGET_FLOOR`` of the planned
+    ones, spread over the run, so the fit has its points however slow probing is."""
+    return evenly_chosen(planned_probe_steps(config), BUDGET_FLOOR)
 
 
 def _positive(value: Any) -> bool:
@@ -264,6 +326,7 @@ class StepReport:
     loss: float
     grad_norm: float
     probe: ProbeRecord | None
+    train_seconds: float = 0.0  # wall time of the run's steps so far, probing left out
 
 
 @dataclass
@@ -275,6 +338,7 @@ class RunResult:
     hvp_method: str = ""
     diverged_at: int | None = None
     seconds: float = 0.0
+    probe_seconds: float = 0.0  # of ``seconds``, the time spent probing (writing rows included)
 
     @property
     def diverged(self) -> bool:
@@ -369,6 +433,7 @@ def train(
         run.probe_batches,
         schedule=probe_schedule(config),
         max_overhead=config.overhead_cap,
+        floor_steps=budget_floor_steps(config) if config.overhead_cap is not None else None,
         hvp_method=config.hvp_method,
         retain_graphs=config.retain_graphs,
         estimators=config.estimators,
@@ -414,11 +479,13 @@ def train(
         if record is not None:
             result.probes.append(record)
         if on_step is not None:
-            on_step(StepReport(step, loss, norm, record))
+            train_seconds = time.perf_counter() - started - probe.probe_seconds
+            on_step(StepReport(step, loss, norm, record, train_seconds))
         if not finite:
             result.diverged_at = step
             break
     result.seconds = time.perf_counter() - started
+    result.probe_seconds = probe.probe_seconds
     result.probes_skipped = probe.skipped
     result.hvp_method = probe.hvp_method
     return result

@@ -104,8 +104,7 @@ def test_ranks_that_would_decide_differently_stay_in_step(tmp_path):
     assert done.returncode == 0, done.stderr
     rank0, rank1 = json.loads((tmp_path / "seen.json").read_text())
     assert rank0 == rank1
-    assert rank0["method"] == "double-backward"  # forward-over-reverse failed on rank 1
-    assert "forward-over-reverse" not in rank0["timings"]
+    assert rank0["method"] == "forward-over-reverse"  # double-backward failed on rank 1
     assert rank0["steps"] == [0] and rank0["skipped"] == 5  # rank 0 trains fast: over the cap
 
 

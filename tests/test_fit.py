@@ -160,7 +160,8 @@ def test_too_few_points_message():
     with pytest.raises(FitError) as raised:
         fit_envelope([1.0, 2.0, np.nan], [1.0, 2.0, 3.0])
     assert str(raised.value) == (
-        "need at least 3 points with finite positive gradient norm and smoothness, got 2"
+        "need at least 3 points with finite positive gradient norm and smoothness, got 2; "
+        "probe more steps: `smoothprof run MODEL.py --num-probes 30` (or a smaller --probe-every)"
     )
     assert MIN_POINTS == 3
 

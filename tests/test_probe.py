@@ -19,7 +19,8 @@ from smoothprof.objective import (
     double_backward_backends,
     flatten,
 )
-from smoothprof.probe import ProbeRecord, every_k_steps, fastest_hvp_method, log_spaced_steps
+from smoothprof.probe import ProbeRecord, fastest_hvp_method
+from smoothprof.schedule import BUDGET_FLOOR, every_k_steps, log_spaced_steps
 
 
 @pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
@@ -299,24 +300,34 @@ def test_log_spaced_schedule():
     assert every_k_steps(0)(0) is False
 
 
-def test_overhead_cap_skips_due_probes_but_not_the_first():
+def test_overhead_cap_skips_due_probes_but_not_the_floor():
     _, model, loss_fn, batches = small_models()[0]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.0)
-    for step in range(5):
-        with probe.around_step(step):
-            optimizer.zero_grad()
-            loss_fn(model, batches[0]).backward()
-            optimizer.step()
-    assert [r.step for r in probe.records] == [0]
-    assert probe.skipped == 4
+
+    def train(probe, num_steps):
+        for step in range(num_steps):
+            with probe.around_step(step):
+                optimizer.zero_grad()
+                loss_fn(model, batches[0]).backward()
+                optimizer.step()
+
+    # the floor given: those steps, and the first due probe, are never skipped
+    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.0, floor_steps=[3])
+    train(probe, 5)
+    assert [r.step for r in probe.records] == [0, 3]
+    assert probe.skipped == 3
+    # no floor given: the first BUDGET_FLOOR due probes
+    probe = Probe(model, loss_fn, batches, every=2, max_overhead=0.0)
+    train(probe, 2 * BUDGET_FLOOR + 6)
+    assert [r.step for r in probe.records] == list(range(0, 2 * BUDGET_FLOOR, 2))
+    assert probe.skipped == 3
 
 
 def test_overhead_cap_counts_the_next_probe_at_the_last_ones_cost():
     import dataclasses
 
     _, model, loss_fn, batches = small_models()[0]
-    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.25)
+    probe = Probe(model, loss_fn, batches, every=1, max_overhead=0.25, floor_steps=[0])
     nan = float("nan")
     last = ProbeRecord(0, 1.0, 1.0, nan, nan, nan, nan, nan, 0, False, seconds=1.0)
     probe.records.append(last)
