@@ -1,7 +1,8 @@
 """Data-parallel runs: torchrun with 2 CPU processes (gloo) against one process.
 
 Each test launches ``python -m torch.distributed.run --standalone`` (a free port, no clash with
-other runs) as a subprocess with one thread per rank, so it also proves the README's commands.
+other runs) as a subprocess with one thread per rank, so it also proves the commands of
+docs/distributed.md.
 """
 
 import json
@@ -69,7 +70,7 @@ def assert_close(a, b, rtol=RTOL):
 
 
 def test_readme_loop_in_two_processes_measures_what_one_process_does(tmp_path):
-    """The README's DDP loop with the library's Probe: 2 ranks equal 1 rank, rank 0 writes."""
+    """docs/distributed.md's DDP loop with the Probe: 2 ranks equal 1 rank, rank 0 writes."""
     runs = {}
     for nproc in (1, 2):
         cwd = tmp_path / f"n{nproc}"

@@ -1,7 +1,7 @@
-"""Runs the README's data-parallel loop under torchrun (any number of processes, gloo, CPU).
+"""Runs docs/distributed.md's data-parallel loop under torchrun (any number of processes, gloo).
 
 ``torchrun --standalone --nproc_per_node N ddp_readme_loop.py`` in an empty directory writes
-``traj.h5`` (the README's code, on rank 0) and ``result.json`` (Hessian norms at the end, from
+``traj.h5`` (the document's code, on rank 0) and ``result.json`` (Hessian norms at the end, from
 rank 0). Whatever N, the global batch of every step and the probe batches are the same, so the
 probe values must be the same as with N = 1 up to float32 round-off. The model trains in eval
 mode (no dropout draws, so every N trains alike) while the probe evaluates it in train mode, with
@@ -23,8 +23,8 @@ from torch import nn
 import smoothprof
 
 torch.set_num_threads(1)
-README = Path(__file__).resolve().parents[2] / "README.md"
-section = README.read_text().split("## Several GPUs or nodes", 1)[1]
+DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
+section = DOCUMENT.read_text()
 code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
 
 torch.manual_seed(0)
@@ -52,7 +52,7 @@ class RankShare:
             yield x[rows], y[rows]
 
 
-# The README's code as written, with two of the probe's options pinned so that both launches
+# The document's code as written, with two of the probe's options pinned so that both launches
 # compute alike: the HVP method (auto would time the methods, and a loaded machine may pick
 # another) and a tolerance that round-off keeps Lanczos from certifying, so it runs until the
 # Krylov space is exhausted (about 20 HVPs here) instead of stopping at an iteration that
@@ -70,7 +70,7 @@ namespace = {
     "optimizer": torch.optim.SGD(model.parameters(), lr=0.5),
 }
 code = code.replace("dist.destroy_process_group()", "")  # still needed below
-exec(compile(code, "README.md", "exec"), namespace)
+exec(compile(code, "docs/distributed.md", "exec"), namespace)
 
 ddp_model = namespace["ddp_model"]
 results = {}
