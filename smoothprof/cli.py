@@ -657,20 +657,20 @@ def _probing_cost(prepared: PreparedRun, result: Any) -> ProbingCost:
 
 
 def _cheaper_probe_options(config: RunConfig, num_batches: int) -> list[str]:
-    """The options that would cut probing's cost, as the user would type them."""
+    """The options that would cut probing's cost from where ``config`` stands, as the user
+    would type them."""
     cuts = []
-    if config.probe_schedule == "auto":
+    if config.probe_schedule == "auto" and config.num_probes > BUDGET_FLOOR:
         cuts.append(f"--num-probes {max(BUDGET_FLOOR, config.num_probes // 3)} (fewer probes)")
     elif config.probe_schedule == "every":
         cuts.append(f"--probe-every {3 * (config.probe_every or 1)} (fewer probes)")
-    else:
+    elif config.probe_schedule == "log":
         cuts.append(f"--probes-per-decade {config.probes_per_decade / 3:g} (fewer probes)")
     if num_batches > 1:
         cuts.append("--probe-batches 1 (each product on one batch)")
     if "hvp" in config.estimators:
-        cuts.append(
-            f"--max-hvps {min(20, config.max_hvps)} (a shorter eigen-solve, certified less often)"
-        )
+        if config.max_hvps > 20:
+            cuts.append("--max-hvps 20 (a shorter eigen-solve, certified less often)")
         cuts.append("--estimators fd (the paper's finite difference only: no HVPs)")
     return cuts
 
