@@ -77,6 +77,7 @@ from .trajectory import (
     read_trajectory,
     repair_trajectory,
 )
+from .wording import plural
 
 EXIT_USER_ERROR = 1
 EXIT_DIVERGED = 3
@@ -755,7 +756,7 @@ def _read_noting_status(path: Path) -> Trajectory:
     if trajectory.status == "writing":
         _error_console().print(
             f"note: {path} is still being written; this uses its "
-            f"{trajectory.num_probes} probes so far",
+            f"{plural(trajectory.num_probes, 'probe')} so far",
             markup=False,
         )
     elif trajectory.status == "unclosed":

@@ -23,6 +23,7 @@ from .compare import FINAL_SHARE, Comparison, short_labels
 from .fit import EnvelopeFit
 from .recommend import Recommendation, Recommendations, pytorch_snippet
 from .trajectory import Trajectory
+from .wording import plural
 
 
 def _box_drawing_as_ascii() -> dict[str, str]:
@@ -196,7 +197,7 @@ def envelope_plot(
                         label=label,
                         color=hue if color else None,
                     )
-    plt.title(f"{smoothness_label} against gradient norm ({fit.num_points} probes)")
+    plt.title(f"{smoothness_label} against gradient norm ({plural(fit.num_points, 'probe')})")
     plt.xlabel("gradient norm")
     return _finish(plt.build(), color=color, ascii_only=ascii_only)
 
@@ -301,7 +302,7 @@ def _clipped_share_figure(train: dict, width: int, height: int, color: bool) -> 
     overall = float(np.mean(flags))
     plt.title(
         f"share of clipped steps, % over the last {window} step(s) "
-        f"({overall:.0%} of all {len(flags)} steps)"
+        f"({overall:.0%} of all {plural(len(flags), 'step')})"
     )
     plt.ylim(0, 100)
     plt.plot(

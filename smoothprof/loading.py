@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .wording import plural
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -47,7 +49,7 @@ def _describe(value: Any) -> str:
     name = type(value).__name__
     article = "an" if name[:1].lower() in "aeiou" else "a"
     if isinstance(value, (tuple, list)):
-        return f"{article} {name} of {len(value)} items"
+        return f"{article} {name} of {plural(len(value), 'item')}"
     return f"{article} {name}"
 
 

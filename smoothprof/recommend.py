@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 from smoothprof.fit import EnvelopeFit
+from smoothprof.wording import plural
 
 __all__ = [
     "CAVEATS",
@@ -277,7 +278,8 @@ def recommend(
         )
     if fit.num_points < FEW_POINTS:
         warnings.append(
-            f"only {fit.num_points} points: the envelope and every rule built on it are uncertain."
+            f"only {plural(fit.num_points, 'point')}: the envelope and every rule built on it "
+            "are uncertain."
         )
 
     return Recommendations(
