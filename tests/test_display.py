@@ -299,6 +299,15 @@ def test_fit_headlines_the_measured_rule_with_its_sweep(unclipped_profile):
     assert "smoothprof compare clip_lr*.h5" in text
 
 
+def test_fit_says_the_stochastic_rule_misses_the_gradient_noise(unclipped_profile):
+    """A profile on one probe batch records no gradient noise; its steps T are known."""
+    data = json.loads(invoke("fit", unclipped_profile, "--json").stdout)
+    assert data["grad_noise"] is None and data["num_steps"] == 300
+    [warning] = [w for w in data["warnings"] if "Theorem 7" in w]
+    assert "the gradient noise τ was not measured" in warning
+    assert "--probe-batches 2 or more" in warning and "number of training steps" not in warning
+
+
 def test_fit_points_to_skip_steps_when_only_the_first_steps_hide_the_correlation(
     unclipped_profile,
 ):
