@@ -161,6 +161,7 @@ def assert_one_line_error(result, expected, code=1):
         ("broken_empty_dataloader.py", "no batches"),
         ("broken_loss_nonscalar.py", "scalar"),
         ("broken_no_trainable_params.py", "requires_grad"),
+        ("broken_meta_device.py", "on the meta device.*to_empty"),
         ("broken_defaults_bad_key.py", "learning_rate"),
         ("not_python.txt", "not a Python file"),
     ],

@@ -304,6 +304,7 @@ BROKEN_MODEL_FILES = {  # asset -> (the line says, the run got far enough to wri
     "broken_loss_nonscalar.py": ("returned a tensor of shape \\(8,\\); it must be a scalar", False),
     "broken_loss_not_tensor.py": ("returned a float, not a scalar tensor", False),
     "broken_loss_raises_later.py": ("raised ValueError: sample 9 has no label", True),
+    "broken_meta_device.py": ("on the meta device", False),
     "broken_model_not_callable.py": ("model is an int, not a function", False),
     "broken_model_returns_tensor.py": ("returned a tensor of shape .*, not a torch.nn", False),
     "broken_no_dataloader.py": (r"defines no dataloader\(\)", False),
