@@ -7,6 +7,7 @@ the same on the CPU: the probe batches are drawn, and the probe measures, under 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import Communicator, shard_dataloader
+from .distributed import Communicator, ShardedLoader, shard_dataloader
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import HVP_METHODS, trainable_parameters
 from .probe import (
@@ -30,6 +31,7 @@ from .probe import (
     log_spaced_steps,
     unchanged_model_state,
 )
+from .wording import plural
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("every", "log")
@@ -246,14 +248,38 @@ def gradient_norm(parameters: list[torch.Tensor], max_norm: float | None) -> flo
 
 
 def _cycle(model_file: ModelFile, loader: Any) -> Iterator[Any]:
-    """Batches forever: the dataloader is iterated again as often as needed."""
+    """Batches forever: the dataloader is iterated again as often as needed.
+
+    ``train`` draws one batch per step from step 0, so the batches drawn so far are the step
+    at which a pass comes up empty."""
+    drawn = 0
     while True:
         count = 0
         for batch in model_file.batches(loader):
             count += 1
             yield batch
-        if count == 0:
+        if count == 0 and drawn == 0:
             raise model_file.error("dataloader() yields no batches")
+        if count == 0:
+            raise model_file.error(_empty_pass_message(loader, drawn))
+        drawn += count
+
+
+def _empty_pass_message(loader: Any, drawn: int) -> str:
+    """Why a pass over the data after the first yielded nothing: most often ``dataloader()``
+    returned an iterator (a generator), which a second pass finds exhausted."""
+    source = loader.loader if isinstance(loader, ShardedLoader) else loader
+    advice = "return a re-iterable (a DataLoader, a list, or a class with __iter__) instead"
+    if isinstance(source, Iterator):
+        kind = "a generator" if inspect.isgenerator(source) else type(source).__name__
+        return (
+            f"dataloader() returned a one-shot iterator ({kind}), which cannot be iterated "
+            f"twice; it was exhausted after {plural(drawn, 'batch')} at step {drawn}; {advice}"
+        )
+    return (
+        f"dataloader()'s iterable yielded no batches on a second pass, after "
+        f"{plural(drawn, 'batch')} at step {drawn}; every pass must yield batches: {advice}"
+    )
 
 
 @dataclass(frozen=True)

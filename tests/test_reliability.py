@@ -310,6 +310,8 @@ BROKEN_MODEL_FILES = {  # asset -> (the line says, the run got far enough to wri
     "broken_no_dataloader.py": (r"defines no dataloader\(\)", False),
     "broken_no_model.py": (r"defines no model\(\)", False),
     "broken_no_trainable_params.py": ("no parameters with requires_grad=True", False),
+    "broken_one_shot_generator.py": (r"dataloader\(\) returned a one-shot iterator \(a "
+                                     r"generator\).* exhausted after 4 batches at step 4", True),
     "broken_syntax.py": (r"line \d+: syntax error", False),
     "not_python.txt": ("not a Python file", False),
     "missing.py": ("no such file", False),
