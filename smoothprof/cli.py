@@ -1071,7 +1071,9 @@ def compare(
     target: Annotated[
         float | None,
         typer.Option(
-            help="Loss to reach [default: the worst final smoothed loss of the runs, plus 10%]."
+            help="Loss to reach (default: one every run starts above and reaches by its end, "
+            "10% of the way from the worst final smoothed loss up to the lowest starting one; "
+            "when no level suits every run, the one that suits the most, with a note why)."
         ),
     ] = None,
     window: Annotated[

@@ -649,10 +649,11 @@ def compare_table(comparison: Comparison, *, ascii_only: bool = False) -> Table:
         )
         table.add_row(*(_text(cell, ascii_only) for cell in cells))
     target = "none" if comparison.target is None else format_number(comparison.target)
+    note = f"\nnote: {comparison.target_note}" if comparison.target_note else ""
     table.caption = _text(
         f"final loss: mean minibatch loss over the last {FINAL_SHARE:.0%} of the steps; "
         f"steps to target: the first step at which the mean minibatch loss over the trailing "
-        f"{comparison.window} step(s) is <= {target} ({comparison.target_rule})",
+        f"{comparison.window} step(s) is <= {target} ({comparison.target_rule}){note}",
         ascii_only,
     )
     return table
