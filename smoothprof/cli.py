@@ -172,7 +172,7 @@ def _emit(width: int, ascii_only: bool, *renderables: Any) -> None:
         legacy_windows=False,
     )
     for renderable in renderables:
-        console.print(renderable)
+        console.print(renderable, crop=False)  # a command to paste stays whole on its line
     text = console.file.getvalue()
     if not color:  # rich pads centred titles and captions: drop the trailing blanks
         text = "\n".join(line.rstrip() for line in text.split("\n"))

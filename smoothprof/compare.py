@@ -137,9 +137,7 @@ def default_target(
         return [i for i in went_down if finals[i] <= level < starts[i]]
 
     # The most runs a level suits is reached at some run's final loss; the lowest wins a tie.
-    worst = max(
-        sorted(went_down, key=lambda i: finals[i]), key=lambda i: len(suited_at(finals[i]))
-    )
+    worst = max(sorted(went_down, key=lambda i: finals[i]), key=lambda i: len(suited_at(finals[i])))
     group = suited_at(finals[worst])
     lowest_start = min(group, key=lambda i: starts[i])
     value = finals[worst] + TARGET_SHARE * (starts[lowest_start] - finals[worst])
