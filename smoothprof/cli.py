@@ -80,6 +80,7 @@ from .trajectory import (
     read_trajectory,
     repair_trajectory,
 )
+from .wording import plural
 
 EXIT_USER_ERROR = 1
 EXIT_DIVERGED = 3
@@ -174,7 +175,7 @@ def _emit(width: int, ascii_only: bool, *renderables: Any) -> None:
         legacy_windows=False,
     )
     for renderable in renderables:
-        console.print(renderable)
+        console.print(renderable, crop=False)  # a command to paste stays whole on its line
     text = console.file.getvalue()
     if not color:  # rich pads centred titles and captions: drop the trailing blanks
         text = "\n".join(line.rstrip() for line in text.split("\n"))
@@ -462,8 +463,8 @@ def _print_summary(
         else ""
     )
     console.print(
-        f"wrote {output}: {_amount(result.steps_done, 'step')}, "
-        f"{_amount(len(result.probes), 'probe')}{certified}, "
+        f"wrote {output}: {plural(result.steps_done, 'step')}, "
+        f"{plural(len(result.probes), 'probe')}{certified}, "
         f"final loss {format_number(result.final_loss)}, {result.seconds:.1f} s",
         markup=False,
         soft_wrap=True,
@@ -472,7 +473,7 @@ def _print_summary(
         console.print(_probing_cost(prepared, result).summary(), markup=False, soft_wrap=True)
     if result.probes_skipped:
         console.print(
-            f"skipped {_amount(result.probes_skipped, 'due probe')} to keep probing under "
+            f"skipped {plural(result.probes_skipped, 'due probe')} to keep probing under "
             f"{config.overhead_cap:.0%} of the training time (--max-overhead)",
             markup=False,
             soft_wrap=True,
@@ -624,16 +625,12 @@ def _agree_on_errors(comm: Any, problem: Exception | None, debug: bool) -> None:
 def _schedule_text(config: RunConfig) -> str:
     if config.probe_every == 0:
         return "no probes"
-    planned = _amount(len(planned_probe_steps(config)), "probe")
+    planned = plural(len(planned_probe_steps(config)), "probe")
     if config.probe_schedule == "log":
         return f"{planned} log-spaced ({config.probes_per_decade:g} per decade)"
     if config.probe_schedule == "every":
         return f"{planned}, every {config.probe_every} steps"
     return f"{planned} spread over the run"
-
-
-def _amount(count: int, noun: str) -> str:
-    return f"{count:,} {noun if count == 1 else noun + 's'}"
 
 
 def _probe_work(prepared: PreparedRun, probes: list[Any]) -> Any:
@@ -723,15 +720,16 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
         writer.set_attribute("interrupted", True)
         writer.close()
         err.print(
-            f"interrupted at step {steps_done}: the file is closed; its {writer.num_probe_rows} "
-            f"probe rows and {writer.num_train_rows} training rows are in {writer.path}",
+            f"interrupted at step {steps_done}: the file is closed; its "
+            f"{plural(writer.num_probe_rows, 'probe row')} and "
+            f"{plural(writer.num_train_rows, 'training row')} are in {writer.path}",
             markup=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as error:
         where = (
-            f"the run stopped at step {steps_done}; the {writer.num_probe_rows} probe rows "
-            f"measured before are in {writer.path}"
+            f"the run stopped at step {steps_done}; the "
+            f"{plural(writer.num_probe_rows, 'probe row')} measured before are in {writer.path}"
         )
         if isinstance(writer, _NoFile):  # a rank other than 0: its rank 0 says where the file is
             where = f"the run stopped at step {steps_done}"
@@ -854,7 +852,7 @@ def _read_noting_status(path: Path) -> Trajectory:
     if trajectory.status == "writing":
         _error_console().print(
             f"note: {path} is still being written; this uses its "
-            f"{trajectory.num_probes} probes so far",
+            f"{plural(trajectory.num_probes, 'probe')} so far",
             markup=False,
         )
     elif trajectory.status == "unclosed":
@@ -1169,7 +1167,9 @@ def compare(
     target: Annotated[
         float | None,
         typer.Option(
-            help="Loss to reach [default: the worst final smoothed loss of the runs, plus 10%]."
+            help="Loss to reach (default: one every run starts above and reaches by its end, "
+            "10% of the way from the worst final smoothed loss up to the lowest starting one; "
+            "when no level suits every run, the one that suits the most, with a note why)."
         ),
     ] = None,
     window: Annotated[

@@ -3,11 +3,15 @@
 Pure functions on numpy arrays and plain dataclasses (``smoothprof compare`` displays them). The
 minibatch loss is noisy, so every test against the target runs on a trailing mean of it: a run
 reaches the target at the first step where the mean of its last ``window`` minibatch losses is at
-or below the target. Without a target given, the target is the largest final smoothed loss of the
-runs that made progress (whose smoothed loss ended below their first loss), raised by a tenth of
-its magnitude (``TARGET_MARGIN``): a level every such run reaches by its end, so the table says
-which got there first. A run that diverged or got worse does not set the bar; it is "not
-reached" unless it passed the target on the way.
+or below the target.
+
+Without a target given, the target is one every run works for: below where each run's smoothed
+loss starts (so none has reached it at its first step) and at or above where each ends (so each
+reaches it by its end), a tenth of the way (``TARGET_SHARE``) from the worst final smoothed loss
+up to the lowest starting one. When no level lies between them for every run (a run ends above
+where another starts, a run never went down, a run diverged), the target is chosen for the most
+runs at once, the lowest such level on a tie, and the comparison's ``target_note`` says which
+runs it does not suit and why. When no run went down, there is no default target.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-TARGET_MARGIN = 0.1  # the default target: the worst final smoothed loss plus 10% of its size
+TARGET_SHARE = 0.1  # the default target: 10% of the way from the worst final to the lowest start
 FINAL_SHARE = 0.05  # the final loss is the mean over the last 5% of the training rows
 SMOOTHING_SHARE = 0.02  # the default trailing window: a fiftieth of the longest run
 
@@ -86,28 +90,81 @@ def short_labels(files: Sequence[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(files)
 
 
+@dataclass(frozen=True)
+class DefaultTarget:
+    """The default target loss and how it was chosen."""
+
+    value: float | None  # None: no run's smoothed loss went down
+    rule: str  # how it was chosen, in words
+    note: str  # "" when it suits every run; else which runs it does not suit, and why
+    suited: tuple[int, ...]  # the runs it suits: they start above it and end at or below it
+
+
 def default_target(
-    final_smoothed: Sequence[float], initial: Sequence[float] | None = None
-) -> float | None:
-    """The largest final smoothed loss of the runs that made progress, plus ``TARGET_MARGIN``
-    of its magnitude; None when no run has a finite final loss.
+    starts: Sequence[float], finals: Sequence[float], labels: Sequence[str] | None = None
+) -> DefaultTarget:
+    """A target loss every run works for, from each run's first and last smoothed loss.
 
-    A run made progress when its final smoothed loss is below its ``initial`` loss (without
-    them, every finite run counts); when none did, every finite run counts.
+    A target t suits run i when ``finals[i] <= t < starts[i]``: the run is above it at its first
+    step and reaches it by its end. The target suits as many runs as one level can (the lowest
+    such level on a tie) and lies ``TARGET_SHARE`` of the way from their worst final loss up to
+    their lowest start. ``labels`` name the runs in the note.
 
-    >>> round(default_target([2.0, 1.5, float("nan")]), 6)
-    2.2
-    >>> round(default_target([1.5, 19.0], initial=[4.6, 4.6]), 6)
-    1.65
+    >>> choice = default_target([4.0, 3.0], [1.0, 2.0])
+    >>> round(choice.value, 6), choice.suited, choice.note
+    (2.1, (0, 1), '')
+    >>> choice = default_target([4.0, 1.5], [2.0, 0.5], ["A", "B"])
+    >>> round(choice.value, 6), choice.suited
+    (0.6, (1,))
+    >>> print(choice.note)
+    no target suits every run: A ends at or above where B starts; this one suits 1 of the 2 runs
     """
-    initial = initial if initial is not None else [math.inf] * len(final_smoothed)
-    finite = [v for v in final_smoothed if math.isfinite(v)]
-    improved = [v for v, start in zip(final_smoothed, initial) if math.isfinite(v) and v < start]
-    candidates = improved or finite
-    if not candidates:
-        return None
-    worst = max(candidates)
-    return worst + TARGET_MARGIN * abs(worst)
+    labels = list(labels) if labels is not None else [f"run {i + 1}" for i in range(len(starts))]
+    went_down = [
+        i
+        for i, (start, final) in enumerate(zip(starts, finals))
+        if math.isfinite(start) and math.isfinite(final) and final < start
+    ]
+    if not went_down:
+        return DefaultTarget(
+            None,
+            "none: no run's smoothed loss went down",
+            "no target suits any run: none ended below where it started; give one with --target",
+            (),
+        )
+
+    def suited_at(level: float) -> list[int]:
+        return [i for i in went_down if finals[i] <= level < starts[i]]
+
+    # The most runs a level suits is reached at some run's final loss; the lowest wins a tie.
+    worst = max(sorted(went_down, key=lambda i: finals[i]), key=lambda i: len(suited_at(finals[i])))
+    group = suited_at(finals[worst])
+    lowest_start = min(group, key=lambda i: starts[i])
+    value = finals[worst] + TARGET_SHARE * (starts[lowest_start] - finals[worst])
+    reasons = []
+    for i, label in enumerate(labels):
+        if i in group:
+            continue
+        if not (math.isfinite(starts[i]) and math.isfinite(finals[i])):
+            reasons.append(f"{label} has no finite loss at its start or end")
+        elif i not in went_down:
+            reasons.append(f"{label} never went down")
+        elif starts[i] <= value:  # then it starts at or below where the worst suited run ends
+            reasons.append(f"{label} starts at or below where {labels[worst]} ends")
+        else:  # it ends at or above where the suited run that starts lowest starts
+            reasons.append(f"{label} ends at or above where {labels[lowest_start]} starts")
+    of_runs = f"of the {len(group)} runs it suits" if reasons else "of the runs"
+    rule = (
+        f"{TARGET_SHARE:.0%} of the way from the worst final smoothed loss {of_runs} up to "
+        "their lowest starting one"
+    )
+    note = (
+        f"no target suits every run: {'; '.join(reasons)}; this one suits {len(group)} of the "
+        f"{len(labels)} runs"
+        if reasons
+        else ""
+    )
+    return DefaultTarget(value, rule, note, tuple(group))
 
 
 @dataclass(frozen=True)
@@ -135,6 +192,7 @@ class Comparison:
     window: int  # the trailing-mean window, in steps
     # The curves to draw: per run, (steps, trailing mean of the minibatch loss).
     curves: tuple[tuple[np.ndarray, np.ndarray], ...]
+    target_note: str = ""  # why the default target does not suit every run ("" when it does)
 
 
 def _number(config: Mapping[str, Any], key: str) -> float | None:
@@ -172,15 +230,12 @@ def compare_runs(
         window = default_window([len(steps) for steps, _ in rows])
     curves = tuple((steps, trailing_mean(losses, window)) for steps, losses in rows)
     final_smoothed = [float(smoothed[-1]) for _, smoothed in curves]
+    note = ""
     if target is None:
-        # Progress is judged against the loss at the initial parameters, the first row.
-        target = default_target(final_smoothed, [float(losses[0]) for _, losses in rows])
-        rule = (
-            f"the largest final smoothed loss of the runs that made progress, plus "
-            f"{TARGET_MARGIN:.0%} of it"
-            if target is not None
-            else "none: no run has a finite final loss"
+        choice = default_target(
+            [float(smoothed[0]) for _, smoothed in curves], final_smoothed, short_labels(labels)
         )
+        target, rule, note = choice.value, choice.rule, choice.note
     else:
         rule = "given (--target)"
     runs = []
@@ -214,7 +269,12 @@ def compare_runs(
             )
         )
     return Comparison(
-        runs=tuple(runs), target=target, target_rule=rule, window=window, curves=curves
+        runs=tuple(runs),
+        target=target,
+        target_rule=rule,
+        window=window,
+        curves=curves,
+        target_note=note,
     )
 
 
@@ -227,6 +287,7 @@ def comparison_as_json(comparison: Comparison) -> dict[str, Any]:
     return {
         "target": finite(comparison.target),
         "target_rule": comparison.target_rule,
+        "target_note": comparison.target_note,
         "smoothing_window": comparison.window,
         "runs": [
             {

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .wording import plural
+
 EXPENSIVE_RATIO = 1.0
 """Probing is worth a note when the schedule's projected probing time exceeds this multiple of the
 projected training time (the run would take more than twice as long as without probes)..."""
@@ -30,8 +32,8 @@ class ProbeWork:
 
     def describe(self) -> str:
         return (
-            f"{_amount(self.gradients, 'gradient')} and {_amount(self.hvps, 'HVP')} "
-            f"on {_amount(self.num_batches, 'batch', 'batches')}"
+            f"{plural(self.gradients, 'gradient')} and {plural(self.hvps, 'HVP')} "
+            f"on {plural(self.num_batches, 'batch')}"
         )
 
 
@@ -81,7 +83,7 @@ class ProbingCost:
         steps = self.steps_per_probe
         as_steps = ""
         if math.isfinite(steps):
-            as_steps = f", the time of {_amount(round(steps), 'training step')}"
+            as_steps = f", the time of {plural(round(steps), 'training step')}"
         return (
             f"probing took {self.probe_seconds:.1f} s, {self.share:.0%} of the run; a probe "
             f"took {self.work.describe()}{as_steps}"
@@ -115,20 +117,14 @@ def first_probe_note(
         return None
     text = (
         f"note: the first probe took {_duration(probe_seconds)} ({work.describe()}), the time "
-        f"of {_amount(round(probe_seconds / step_seconds), 'training step')}; the schedule's "
-        f"{_amount(num_probes, 'probe')} may take up to {_duration(projected_probing)} against "
+        f"of {plural(round(probe_seconds / step_seconds), 'training step')}; the schedule's "
+        f"{plural(num_probes, 'probe')} may take up to {_duration(projected_probing)} against "
         f"about {_duration(projected_training)} of training (later probes start warm and are "
         "usually cheaper)"
     )
     if cuts:
         text += f". To cut it: {'; '.join(cuts)}"
     return text
-
-
-def _amount(value: float, noun: str, plural: str | None = None) -> str:
-    """``value`` and its noun, singular for exactly 1: "1 HVP", "14.5 HVPs", "2,100 steps"."""
-    number = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
-    return f"{number} {noun if value == 1 else (plural or noun + 's')}"
 
 
 def _duration(seconds: float) -> str:

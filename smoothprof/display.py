@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotext as plt
@@ -22,7 +24,9 @@ from rich.text import Text
 from .compare import FINAL_SHARE, Comparison, short_labels
 from .fit import EnvelopeFit
 from .recommend import Recommendation, Recommendations, pytorch_snippet
+from .schedule import SCHEDULE_OPTIONS
 from .trajectory import Trajectory
+from .wording import plural
 
 
 def _box_drawing_as_ascii() -> dict[str, str]:
@@ -196,7 +200,7 @@ def envelope_plot(
                         label=label,
                         color=hue if color else None,
                     )
-    plt.title(f"{smoothness_label} against gradient norm ({fit.num_points} probes)")
+    plt.title(f"{smoothness_label} against gradient norm ({plural(fit.num_points, 'probe')})")
     plt.xlabel("gradient norm")
     return _finish(plt.build(), color=color, ascii_only=ascii_only)
 
@@ -301,7 +305,7 @@ def _clipped_share_figure(train: dict, width: int, height: int, color: bool) -> 
     overall = float(np.mean(flags))
     plt.title(
         f"share of clipped steps, % over the last {window} step(s) "
-        f"({overall:.0%} of all {len(flags)} steps)"
+        f"({overall:.0%} of all {plural(len(flags), 'step')})"
     )
     plt.ylim(0, 100)
     plt.plot(
@@ -331,9 +335,17 @@ def _table(title: str, ascii_only: bool) -> Table:
     )
 
 
-def _text(text: str, ascii_only: bool, style: str = "") -> Text:
-    """Plain text, never parsed as markup; ASCII only when asked (before layout, so widths hold)."""
-    return Text(to_ascii(text) if ascii_only else text, style=style)
+def _text(text: str, ascii_only: bool, style: str = "", *, unbroken: bool = False) -> Text:
+    """Plain text, never parsed as markup; ASCII only when asked (before layout, so widths hold).
+
+    ``unbroken`` text stays on one line whatever the width (a command to paste): printed
+    without cropping, it runs past the right edge."""
+    return Text(
+        to_ascii(text) if ascii_only else text,
+        style=style,
+        no_wrap=unbroken or None,
+        overflow="ignore" if unbroken else None,
+    )
 
 
 def fit_rows(
@@ -403,11 +415,102 @@ def fit_summary(
     return table
 
 
-def sweep_commands(model_file: str, recs: Recommendations, *, world_size: int = 1) -> list[str]:
+# The options of `smoothprof run` that the clipped sweep sets itself (besides -o): a sweep
+# command does not repeat them from the profile. It probes nothing (--probe-every 0), so the
+# profile's schedule and time budget do not apply either.
+SWEEP_SETS = ("lr", "clip", *SCHEDULE_OPTIONS, "max_overhead")
+# Config values null that the command line spells: ``RunConfig.as_json`` writes an uncapped
+# probe overhead (inf) as null.
+_NULL_SPELLINGS = {"max_overhead": "inf"}
+
+
+def run_option_words(name: str, value: Any) -> list[str] | None:
+    """The ``smoothprof run`` words that give the run option ``name`` (a field of the run config,
+    as the trajectory's ``config`` holds it) the value ``value``; None when the command line
+    cannot say it. Underscores become dashes, a boolean a ``--flag`` or ``--no-flag``, a list
+    its items joined by commas.
+
+    >>> run_option_words("probe_batches", 2), run_option_words("retain_graphs", False)
+    (['--probe-batches', '2'], ['--no-retain-graphs'])
+    >>> run_option_words("fd_points", [0.25, 0.5]), run_option_words("max_overhead", None)
+    (['--fd-points', '0.25,0.5'], ['--max-overhead', 'inf'])
+    """
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else ["--no-" + name.replace("_", "-")]
+    if value is None:
+        spelled = _NULL_SPELLINGS.get(name)
+        return None if spelled is None else [flag, spelled]
+    if isinstance(value, (list, tuple)):
+        items = [_option_word(item) for item in value]
+        if not items or any(item is None or "," in item for item in items):
+            return None
+        return [flag, ",".join(items)]  # type: ignore[arg-type]
+    word = _option_word(value)
+    return None if word is None else [flag, word]
+
+
+def _option_word(value: Any) -> str | None:
+    """A number or text as one command-line word that reads back as the same value."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or value == -math.inf:
+            return None
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return value if isinstance(value, str) and value else None
+
+
+_UNSET = object()
+
+
+def profile_run_options(
+    configs: Sequence[Mapping[str, Any]], built_in: Mapping[str, Any]
+) -> list[str]:
+    """The ``smoothprof run`` options that repeat the profiling runs' own: every run option of
+    ``built_in`` (the built-in values, as ``RunConfig().as_json()`` gives them) that all
+    ``configs`` give the same value other than the built-in one, in the order of ``built_in``;
+    not those the sweep sets itself (``SWEEP_SETS``), nor a value the command line cannot say.
+
+    >>> built_in = {"steps": 500, "lr": 0.1, "optimizer": "sgd", "seed": 0}
+    >>> profile_run_options([{"steps": 60, "lr": 0.5, "seed": 0, "world_size": 1}], built_in)
+    ['--steps', '60']
+    >>> profile_run_options([{"optimizer": "adam", "seed": 3}, {"seed": 4}], built_in)
+    []
+    """
+    words: list[str] = []
+    for name, default in built_in.items():
+        if name in SWEEP_SETS or not configs:
+            continue
+        values = [config.get(name, _UNSET) for config in configs]
+        value = values[0]
+        if value is _UNSET or any(other != value for other in values[1:]) or value == default:
+            continue
+        words += run_option_words(name, value) or []
+    return words
+
+
+def _built_in_run_options() -> dict[str, Any]:
+    from .train import RunConfig  # imports torch: only when a sweep is shown
+
+    return RunConfig().as_json()
+
+
+def sweep_commands(
+    model_file: str,
+    recs: Recommendations,
+    *,
+    world_size: int = 1,
+    options: Sequence[str] = (),
+) -> list[str]:
     """The ``smoothprof run`` commands of the clipped sweep around the headline, and the
     ``smoothprof compare`` that judges them; none when the headline does not clip. A profile of
     ``world_size`` > 1 processes gets its runs under torchrun with as many: the lr belongs to
-    that global batch.
+    that global batch. ``options`` (see ``profile_run_options``) follow the sweep's own; every
+    word is quoted for a POSIX shell where it needs it.
 
     >>> from smoothprof.fit import fit_envelope
     >>> from smoothprof.recommend import ProfilingRun, recommend
@@ -423,10 +526,12 @@ def sweep_commands(model_file: str, recs: Recommendations, *, world_size: int = 
     clip = recs.headline.clip_threshold
     if clip is None or not recs.sweep_lrs:
         return []
-    launcher = f"torchrun --nproc_per_node {world_size} -m " if world_size > 1 else ""
+    launcher = ["torchrun", "--nproc_per_node", str(world_size), "-m"] if world_size > 1 else []
+    run = [*launcher, "smoothprof", "run", model_file, "--clip", f"{clip:.6g}"]
     commands = [
-        f"{launcher}smoothprof run {model_file} --clip {clip:.6g} --lr {lr:.3g} --probe-every 0 "
-        f"-o clip_lr{lr:.3g}.h5"
+        shlex.join(
+            [*run, "--lr", f"{lr:.3g}", "--probe-every", "0", *options, "-o", f"clip_lr{lr:.3g}.h5"]
+        )
         for lr in recs.sweep_lrs
     ]
     return [*commands, "smoothprof compare clip_lr*.h5"]
@@ -434,8 +539,11 @@ def sweep_commands(model_file: str, recs: Recommendations, *, world_size: int = 
 
 def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendations) -> list[str]:
     """``sweep_commands`` for the runs these files profiled: their model file (``MODEL.py``
-    when they name none or several; relative to the working directory when below it) and, when
-    they agree on it, their number of processes."""
+    when they name none or several; relative to the working directory when below it), the
+    options they ran with (``profile_run_options``) and, when they agree on it, their number of
+    processes."""
+    if recs.headline.clip_threshold is None or not recs.sweep_lrs:
+        return []
     model_files = {str(t.attributes.get("model_file") or "") for t in trajectories}
     model_file = model_files.pop() if len(model_files) == 1 else ""
     world_sizes = {_world_size(t) for t in trajectories}
@@ -443,6 +551,7 @@ def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendat
         _shown_path(model_file) or "MODEL.py",
         recs,
         world_size=world_sizes.pop() if len(world_sizes) == 1 else 1,
+        options=profile_run_options([t.config for t in trajectories], _built_in_run_options()),
     )
 
 
@@ -469,8 +578,8 @@ def recommendations_view(
     recs: Recommendations, *, ascii_only: bool = False, commands: Sequence[str] = ()
 ) -> Group:
     """Every supported rule, the headline explained, warnings and caveats, the ``commands`` of
-    the clipped sweep (see ``profile_sweep_commands``), then the headline as ready-to-paste
-    PyTorch."""
+    the clipped sweep (see ``profile_sweep_commands``; each on one line that is never wrapped,
+    so print it with ``crop=False``), then the headline as ready-to-paste PyTorch."""
     table = _table("Suggested clip threshold and step size", ascii_only)
     table.add_column("#", justify="right")
     table.add_column("rule", overflow="fold")
@@ -500,7 +609,7 @@ def recommendations_view(
                 ascii_only,
             )
         )
-        lines += [_text(f"  {command}", ascii_only) for command in commands]
+        lines += [_text(f"  {command}", ascii_only, unbroken=True) for command in commands]
     snippet = Panel(
         _text(pytorch_snippet(recs.headline), ascii_only),
         title=_text(f"headline: {recs.headline.title}", ascii_only),
@@ -648,10 +757,11 @@ def compare_table(comparison: Comparison, *, ascii_only: bool = False) -> Table:
         )
         table.add_row(*(_text(cell, ascii_only) for cell in cells))
     target = "none" if comparison.target is None else format_number(comparison.target)
+    note = f"\nnote: {comparison.target_note}" if comparison.target_note else ""
     table.caption = _text(
         f"final loss: mean minibatch loss over the last {FINAL_SHARE:.0%} of the steps; "
         f"steps to target: the first step at which the mean minibatch loss over the trailing "
-        f"{comparison.window} step(s) is <= {target} ({comparison.target_rule})",
+        f"{comparison.window} step(s) is <= {target} ({comparison.target_rule}){note}",
         ascii_only,
     )
     return table

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .wording import plural
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -47,7 +49,7 @@ def _describe(value: Any) -> str:
     name = type(value).__name__
     article = "an" if name[:1].lower() in "aeiou" else "a"
     if isinstance(value, (tuple, list)):
-        return f"{article} {name} of {len(value)} items"
+        return f"{article} {name} of {plural(len(value), 'item')}"
     return f"{article} {name}"
 
 
@@ -193,11 +195,35 @@ def instantiate_model(model_file: ModelFile) -> nn.Module:
         raise model_file.error(f"model() raised {_one_line(error)}") from error
     if not isinstance(model, nn.Module):
         raise model_file.error(f"model() returned {_describe(model)}, not a torch.nn.Module")
+    check_no_meta_tensors(model_file, model)
     if not any(p.requires_grad for p in model.parameters()):
         raise model_file.error(
             "model() has no parameters with requires_grad=True; nothing to train"
         )
     return model
+
+
+def check_no_meta_tensors(model_file: ModelFile, model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers are on the ``meta`` device: they have shapes
+    but no values (Hugging Face's empty-weights loading, ``with torch.device("meta")``), so
+    nothing can be trained or measured on them."""
+    meta = [
+        name
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+        if tensor.is_meta
+    ]
+    if not meta:
+        return
+    total = sum(1 for _ in itertools.chain(model.parameters(), model.buffers()))
+    tensors = plural(total, "parameter or buffer", "parameters and buffers")
+    raise model_file.error(
+        f"model() returned a model with {len(meta)} of its {tensors} on the meta device "
+        f"(first: {meta[0]!r}): they have shapes but no values, as empty-weights loading or "
+        "torch.device('meta') gives; materialize them in model(): load the weights (e.g. "
+        "load_state_dict(state, assign=True), or from_pretrained without empty weights), or "
+        "allocate them with model.to_empty(device=...) and initialize them (e.g. each "
+        "module's reset_parameters())"
+    )
 
 
 def make_dataloader(model_file: ModelFile) -> Iterable[Any]:

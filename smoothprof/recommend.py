@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 from smoothprof.fit import EnvelopeFit
+from smoothprof.wording import plural
 
 __all__ = [
     "CAVEATS",
@@ -186,10 +187,7 @@ def recommend(
         if L0_used is not None:
             candidates.append(_clipped_sgd(L0_used, L1, tau, T, floor_note))
     elif tau is not None or T is not None:
-        warnings.append(
-            "the clipped SGD rule (Zhang et al. 2020, Theorem 7) needs both the gradient noise "
-            "and the number of steps; it is omitted."
-        )
+        warnings.append(_stochastic_rule_omitted(tau_missing=tau is None))
     if L0_used is not None:
         candidates += _secondary_rules(L0_used, L1, floor_note)
 
@@ -277,7 +275,8 @@ def recommend(
         )
     if fit.num_points < FEW_POINTS:
         warnings.append(
-            f"only {fit.num_points} points: the envelope and every rule built on it are uncertain."
+            f"only {plural(fit.num_points, 'point')}: the envelope and every rule built on it "
+            "are uncertain."
         )
 
     return Recommendations(
@@ -580,6 +579,26 @@ def _clipped_sgd(L0: float, L1: float, tau: float, T: int, floor_note: str) -> R
             "L1 = 0: no clipping needed." if clip is None else floor_note,
         ),
     )
+
+
+def _stochastic_rule_omitted(*, tau_missing: bool) -> str:
+    """Why the clipped SGD rule (Theorem 7) is left out: the input that is missing, and how to
+    get it (``recommend`` asks for the rule only when one of its two inputs is given)."""
+    if tau_missing:
+        missing = (
+            "the gradient noise τ was not measured: the probe measures it as the spread of the "
+            "per-batch gradients, which needs 2 or more probe batches (smoothprof run "
+            "--probe-batches 2 or more; in the library, give Probe 2 or more batches, or pass "
+            "recommend(grad_noise=...))"
+        )
+    else:
+        missing = (
+            "T, the number of training steps, is not known: smoothprof run records it (the "
+            "config's steps); in the library, write the training rows "
+            "(TrajectoryWriter.append_train) or config {'steps': T}, or pass "
+            "recommend(num_steps=...)"
+        )
+    return f"the clipped SGD rule (Zhang et al. 2020, Theorem 7) is omitted: {missing}."
 
 
 def _secondary_rules(L0: float, L1: float, floor_note: str) -> list[Recommendation]:

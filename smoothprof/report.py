@@ -36,6 +36,7 @@ from .display import (
 from .fit import EnvelopeFit
 from .recommend import Recommendations, pytorch_snippet
 from .trajectory import Trajectory
+from .wording import plural
 
 MISSING_MATPLOTLIB = (
     "smoothprof report needs matplotlib, an optional extra: pip install 'smoothprof[science]'"
@@ -151,7 +152,8 @@ def smoothness_figure(
     axes.set_ylabel(f"smoothness: {smoothness_label}")
     spearman = format_number(fit.spearman_log, 3)
     axes.set_title(
-        (f"{title}\n" if title else "") + f"{fit.num_points} probes, Spearman log-log {spearman}",
+        (f"{title}\n" if title else "")
+        + f"{plural(fit.num_points, 'probe')}, Spearman log-log {spearman}",
         fontsize="medium",
     )
     axes.grid(True, which="major", alpha=0.3)

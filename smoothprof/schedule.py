@@ -13,6 +13,10 @@ from collections.abc import Callable, Collection, Sequence
 
 Schedule = Callable[[int], bool]
 
+SCHEDULE_OPTIONS = ("probe_schedule", "probe_every", "num_probes", "probes_per_decade")
+"""The run options that together say when to probe: given on the command line, they replace the
+model file's, all of them, so that a file's ``probe_every`` never mixes with ``--num-probes``."""
+
 DEFAULT_NUM_PROBES = 30
 """Probes of the default schedule: enough for a 0.95-quantile envelope with a few points above
 it, and at most about 30 times one probe's cost however long the run."""

@@ -7,6 +7,7 @@ the same on the CPU: the probe batches are drawn, and the probe measures, under 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 import time
@@ -18,28 +19,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import Communicator, shard_dataloader
+from .distributed import Communicator, ShardedLoader, shard_dataloader
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import HVP_METHODS, trainable_parameters
 from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from .schedule import (
     BUDGET_FLOOR,
     DEFAULT_NUM_PROBES,
+    SCHEDULE_OPTIONS,
     evenly_chosen,
     every_k_steps,
     log_spaced_steps,
     spread_steps,
     steps_in,
 )
+from .wording import plural
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("auto", "every", "log")
 """auto: ``num_probes`` probes spread over the run (``schedule.spread_steps``); every: every
 ``probe_every`` steps; log: ``probes_per_decade`` log-spaced probes per decade of steps."""
 DEFAULT_PROBE_EVERY = 10
-SCHEDULE_OPTIONS = ("probe_schedule", "probe_every", "num_probes", "probes_per_decade")
-"""The options that together say when to probe: given on the command line, they replace the
-model file's, all of them, so that a file's ``probe_every`` never mixes with ``--num-probes``."""
 
 
 class ConfigError(ValueError):
@@ -308,14 +308,38 @@ def gradient_norm(parameters: list[torch.Tensor], max_norm: float | None) -> flo
 
 
 def _cycle(model_file: ModelFile, loader: Any) -> Iterator[Any]:
-    """Batches forever: the dataloader is iterated again as often as needed."""
+    """Batches forever: the dataloader is iterated again as often as needed.
+
+    ``train`` draws one batch per step from step 0, so the batches drawn so far are the step
+    at which a pass comes up empty."""
+    drawn = 0
     while True:
         count = 0
         for batch in model_file.batches(loader):
             count += 1
             yield batch
-        if count == 0:
+        if count == 0 and drawn == 0:
             raise model_file.error("dataloader() yields no batches")
+        if count == 0:
+            raise model_file.error(_empty_pass_message(loader, drawn))
+        drawn += count
+
+
+def _empty_pass_message(loader: Any, drawn: int) -> str:
+    """Why a pass over the data after the first yielded nothing: most often ``dataloader()``
+    returned an iterator (a generator), which a second pass finds exhausted."""
+    source = loader.loader if isinstance(loader, ShardedLoader) else loader
+    advice = "return a re-iterable (a DataLoader, a list, or a class with __iter__) instead"
+    if isinstance(source, Iterator):
+        kind = "a generator" if inspect.isgenerator(source) else type(source).__name__
+        return (
+            f"dataloader() returned a one-shot iterator ({kind}), which cannot be iterated "
+            f"twice; it was exhausted after {plural(drawn, 'batch')} at step {drawn}; {advice}"
+        )
+    return (
+        f"dataloader()'s iterable yielded no batches on a second pass, after "
+        f"{plural(drawn, 'batch')} at step {drawn}; every pass must yield batches: {advice}"
+    )
 
 
 @dataclass(frozen=True)

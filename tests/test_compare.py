@@ -49,12 +49,19 @@ def test_first_crossing_and_default_target():
     steps = np.array([0, 5, 10, 15])
     assert first_step_at_or_below(steps, np.array([4.0, 2.0, 1.0, 0.5]), 1.0) == 10
     assert first_step_at_or_below(steps, np.array([4.0, np.nan, 3.0, 2.0]), 1.0) is None
-    assert default_target([2.0, 1.0]) == pytest.approx(2.2)
-    assert default_target([-2.0]) == pytest.approx(-1.8)  # 10% of the magnitude, upwards
-    assert default_target([math.nan]) is None
-    # A run that ended above where it started does not set the bar, unless none improved.
-    assert default_target([1.5, 19.0], [4.6, 4.6]) == pytest.approx(1.65)
-    assert default_target([5.0, 19.0], [4.6, 4.6]) == pytest.approx(20.9)
+    both = default_target([4.0, 3.0], [1.0, 2.0])  # 10% of the way from 2 up to 3
+    assert both.value == pytest.approx(2.1) and both.suited == (0, 1) and both.note == ""
+    assert default_target([-1.0], [-2.0]).value == pytest.approx(-1.9)
+    # A run that ended above where it started, or without a finite loss, does not set the bar.
+    worse = default_target([4.6, 4.6, 4.6], [1.5, 19.0, math.nan], ["good", "worse", "nan"])
+    assert worse.value == pytest.approx(1.5 + 0.1 * 3.1) and worse.suited == (0,)
+    assert worse.note == (
+        "no target suits every run: worse never went down; nan has no finite loss at its start "
+        "or end; this one suits 1 of the 3 runs"
+    )
+    none = default_target([4.6, 4.6], [5.0, 19.0])
+    assert none.value is None and "no run's smoothed loss went down" in none.rule
+    assert "--target" in none.note
 
 
 def _columns(losses):
@@ -93,10 +100,10 @@ def test_runs_are_compared_on_the_smoothed_loss():
     # The default target is one every run reaches by its end.
     default = compare_runs(["fast", "slow"], [_columns(fast), _columns(slow)], [{}, {}], window=4)
     worst = max(run.final_smoothed_loss for run in default.runs)
-    assert default.target == pytest.approx(1.1 * worst)
+    assert default.target == pytest.approx(worst + 0.1 * (3.0 - worst))  # both start at 3
     assert all(run.steps_to_target is not None for run in default.runs)
-    assert default.runs[0].steps_to_target < default.runs[1].steps_to_target
-    assert "made progress" in default.target_rule and "10%" in default.target_rule
+    assert 0 < default.runs[0].steps_to_target < default.runs[1].steps_to_target
+    assert "10% of the way" in default.target_rule and default.target_note == ""
 
 
 def test_diverged_and_failed_runs_are_left_out_of_the_default_target():
@@ -109,12 +116,66 @@ def test_diverged_and_failed_runs_are_left_out_of_the_default_target():
         [{}, {}, {}],
         diverged_at=[None, 9, None],
     )
-    assert comparison.target == pytest.approx(1.1 * comparison.runs[0].final_smoothed_loss)
+    final = comparison.runs[0].final_smoothed_loss
+    assert comparison.target == pytest.approx(final + 0.1 * (2.0 - final))
     assert comparison.runs[1].steps_to_target is None
+    assert "bad has no finite loss" in comparison.target_note
+    assert "worse never went down" in comparison.target_note
     assert comparison.runs[1].diverged_at_step == 9
     assert comparison.runs[2].steps_to_target is None
     with pytest.raises(CompareError, match="no training rows"):
         compare_runs(["empty"], [{}], [{}])
+
+
+def test_the_default_target_lies_below_every_start_when_the_losses_barely_fall():
+    """Cross-entropy over 10 classes falling from 2.30 to 2.20 and 2.25 in a short run: 10% of
+    the final loss above it would lie above both starts (steps to target 0 for every run)."""
+    steps = np.arange(400)
+    fast = 2.2 + 0.1 * np.exp(-steps / 40)
+    slow = 2.25 + 0.05 * np.exp(-steps / 80)
+    comparison = compare_runs(["fast", "slow"], [_columns(fast), _columns(slow)], [{}, {}])
+    assert comparison.target_note == ""
+    assert all(run.final_smoothed_loss <= comparison.target for run in comparison.runs)
+    assert comparison.target < min(fast[0], slow[0])
+    fast_run, slow_run = comparison.runs
+    assert 0 < fast_run.steps_to_target < slow_run.steps_to_target
+
+
+def test_a_run_that_ends_above_where_another_starts_gets_a_note():
+    steps = np.arange(200)
+    first = 0.5 + 1.5 * np.exp(-steps / 20)  # 2.0 down to 0.5
+    second = 0.8 + 1.4 * np.exp(-steps / 30)  # 2.2 down to 0.8
+    third = 3.0 + 2.0 * np.exp(-steps / 20)  # 5.0 down to 3.0: above where the others start
+    comparison = compare_runs(
+        ["a/first.h5", "a/second.h5", "a/third.h5"],
+        [_columns(first), _columns(second), _columns(third)],
+        [{}, {}, {}],
+    )
+    final = comparison.runs[1].final_smoothed_loss  # the worst of the two it suits
+    assert comparison.target == pytest.approx(final + 0.1 * (2.0 - final))
+    assert comparison.target_note == (
+        "no target suits every run: third.h5 ends at or above where first.h5 starts; this one "
+        "suits 2 of the 3 runs"
+    )
+    assert "of the 2 runs it suits" in comparison.target_rule
+    reached = [run.steps_to_target for run in comparison.runs]
+    assert reached[0] > 0 and reached[1] > 0 and reached[2] is None
+    # Two runs that no level suits together: the lower one sets the target, the other is noted.
+    low, high = 0.5 + 1.5 * np.exp(-steps / 20), 3.0 + 2.0 * np.exp(-steps / 20)
+    apart = compare_runs(["low", "high"], [_columns(low), _columns(high)], [{}, {}])
+    assert apart.target < 2.0 and apart.runs[1].steps_to_target is None
+    assert "high ends at or above where low starts" in apart.target_note
+    # A run that starts below where two others end: its 0 steps to target are explained.
+    early = compare_runs(
+        ["late", "early", "also_late"],
+        [_columns(third), _columns(first), _columns(third + 0.1)],
+        [{}, {}, {}],
+    )
+    assert early.target > 3.1 and early.runs[1].steps_to_target == 0
+    assert early.target_note == (
+        "no target suits every run: early starts at or below where also_late ends; this one "
+        "suits 2 of the 3 runs"
+    )
 
 
 def _trajectory(path, losses, config, probe_steps=(), diverged_at=None):
@@ -178,7 +239,8 @@ def test_compare_json_and_target(runs):
     result = invoke("compare", clipped, plain, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"target", "target_rule", "smoothing_window", "runs"}
+    assert set(data) == {"target", "target_rule", "target_note", "smoothing_window", "runs"}
+    assert data["target_note"] == ""  # both runs start above it and reach it
     first, second = data["runs"]
     assert first["file"] == str(clipped) and first["clip"] == 0.25 and second["clip"] is None
     assert first["steps_to_target"] < second["steps_to_target"]  # faster decay: earlier
@@ -189,6 +251,26 @@ def test_compare_json_and_target(runs):
     table = invoke("compare", clipped, plain, "--target", "1.01", "--no-plot").stdout
     assert "not reached" in table and "trailing 4 step(s)" in table
     assert "┌" not in table  # --no-plot: the table only
+
+
+def test_compare_notes_the_runs_the_default_target_does_not_suit(tmp_path, runs):
+    clipped, plain, _ = runs
+    steps = np.arange(200)
+    high = _trajectory(
+        tmp_path / "high.h5", (6.0 + 2.0 * np.exp(-steps / 20)).tolist(), {"lr": 0.01}
+    )
+    result = invoke("compare", clipped, plain, high, "--no-plot", "--width", 120)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert (
+        "note: no target suits every run: high.h5 ends at or above where clipped.h5 starts; "
+        "this one suits 2 of the 3 runs"
+    ) in text
+    data = json.loads(invoke("compare", clipped, plain, high, "--json").stdout)
+    assert data["target_note"].startswith("no target suits every run: high.h5")
+    assert [run["steps_to_target"] is None for run in data["runs"]] == [False, False, True]
+    help_text = " ".join(invoke("compare", "--help").stdout.replace("│", " ").split())
+    assert "every run starts above and reaches by its end" in help_text
 
 
 def test_compare_ascii_and_width(runs):

@@ -205,7 +205,8 @@ def test_width_comes_from_columns_else_100(synthetic):
             result = invoke(command, synthetic, env=os_env)
             assert result.exit_code == 0, result.output
             lines = result.stdout.splitlines()
-            assert max(len(line) for line in lines) == width, (command, env)
+            laid_out = [line for line in lines if not line.startswith("  smoothprof")]
+            assert max(len(line) for line in laid_out) == width, (command, env)
             assert all(line == line.rstrip() for line in lines)
 
 
@@ -297,6 +298,15 @@ def test_fit_headlines_the_measured_rule_with_its_sweep(unclipped_profile):
     for lr in ("0.2", "0.4", "1", "2", "4"):
         assert f"smoothprof run model.py --clip {clip} --lr {lr} --probe-every 0" in text
     assert "smoothprof compare clip_lr*.h5" in text
+
+
+def test_fit_says_the_stochastic_rule_misses_the_gradient_noise(unclipped_profile):
+    """A profile on one probe batch records no gradient noise; its steps T are known."""
+    data = json.loads(invoke("fit", unclipped_profile, "--json").stdout)
+    assert data["grad_noise"] is None and data["num_steps"] == 300
+    [warning] = [w for w in data["warnings"] if "Theorem 7" in w]
+    assert "the gradient noise τ was not measured" in warning
+    assert "--probe-batches 2 or more" in warning and "number of training steps" not in warning
 
 
 def test_fit_points_to_skip_steps_when_only_the_first_steps_hide_the_correlation(

@@ -1,5 +1,7 @@
 """Model files: good ones load; each broken one gives one clear line naming the file."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import ASSETS
@@ -69,6 +71,7 @@ def test_syntax_error_names_the_line():
     [
         ("broken_model_returns_tensor.py", "model() returned a tensor"),
         ("broken_no_trainable_params.py", "no parameters with requires_grad=True"),
+        ("broken_meta_device.py", "with 9 of its 9 parameters and buffers on the meta device"),
     ],
 )
 def test_broken_models(name, expected):
@@ -76,6 +79,20 @@ def test_broken_models(name, expected):
     with pytest.raises(ModelFileError) as info:
         instantiate_model(spec)
     assert expected in str(info.value)
+
+
+def test_a_model_on_the_meta_device_says_how_to_materialize_it():
+    spec = load_model_file(ASSETS / "broken_meta_device.py")
+    with pytest.raises(ModelFileError) as info:
+        instantiate_model(spec)
+    message = str(info.value)
+    assert "(first: '0.weight')" in message and "\n" not in message
+    assert "model.to_empty(device=...)" in message and "assign=True" in message
+    # One tensor left on the meta device is enough to refuse: a buffer.
+    real = torch.nn.BatchNorm1d(3)
+    real.register_buffer("scale", torch.empty(3, device="meta"))
+    with pytest.raises(ModelFileError, match=r"with 1 of its 6 parameters and buffers .*'scale'"):
+        instantiate_model(dataclasses.replace(spec, make_model=lambda: real))
 
 
 def test_empty_dataloader():

@@ -1,10 +1,15 @@
 """The README's library example runs as written, on a small model and a short loop."""
 
+import json
 import re
 
+import numpy as np
 import torch
 from conftest import REPO
 from torch import nn
+from typer.testing import CliRunner
+
+from smoothprof.cli import app
 
 
 def test_library_example_runs(tmp_path, monkeypatch, capsys):
@@ -30,3 +35,11 @@ def test_library_example_runs(tmp_path, monkeypatch, capsys):
     assert namespace["trajectory"].num_probes == 4
     assert namespace["fit"].num_points == 4
     assert "torch.optim.SGD" in capsys.readouterr().out
+    # Its file holds the training rows: `smoothprof compare` (and `plot`) read it.
+    train = namespace["trajectory"].train
+    assert train["step"].tolist() == list(range(40)) and np.all(train["lr"] == 0.5)
+    for command in (["compare", "traj.h5"], ["plot", "traj.h5"], ["compare", "--json", "traj.h5"]):
+        result = CliRunner().invoke(app, command, env={"COLUMNS": "100"})
+        assert result.exit_code == 0, result.output
+    [run] = json.loads(result.stdout)["runs"]
+    assert run["steps"] == 40 and run["lr"] == 0.1 and run["steps_to_target"] > 0

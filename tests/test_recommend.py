@@ -118,11 +118,19 @@ def test_stochastic_rule_with_noise_and_steps():
     assert exact.step_size == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("options", [{"grad_noise": 3.0}, {"num_steps": 100}])
-def test_stochastic_rule_needs_both_options(options):
+@pytest.mark.parametrize(
+    "options, names, not_named",
+    [
+        ({"grad_noise": 3.0}, ["T, the number of training steps", "num_steps="], "τ"),
+        ({"num_steps": 100}, ["gradient noise τ", "--probe-batches 2 or more"], "T, the"),
+    ],
+)
+def test_stochastic_rule_names_the_missing_input(options, names, not_named):
     recs = recommend(make_fit(), **options)
     assert "clipped-sgd" not in by_rule(recs)
-    assert any("Theorem 7" in w for w in recs.warnings)
+    [warning] = [w for w in recs.warnings if "Theorem 7" in w]
+    assert "is omitted" in warning and not_named not in warning
+    assert all(name in warning for name in names), warning
 
 
 def test_noise_above_clip_threshold_warns():

@@ -195,11 +195,11 @@ def test_fit_and_plot_read_a_live_file_then_ctrl_c_closes_it(tmp_path):
     assert process.returncode == 130, stderr
     message = stderr.strip().splitlines()[-1]
     assert re.fullmatch(
-        rf"interrupted at step \d+: the file is closed; its (\d+) probe rows and \d+ training "
+        rf"interrupted at step \d+: the file is closed; its (\d+) probe rows? and \d+ training "
         rf"rows are in {re.escape(str(out))}",
         message,
     ), message
-    reported = int(re.search(r"its (\d+) probe rows", message).group(1))
+    reported = int(re.search(r"its (\d+) probe rows?", message).group(1))
     trajectory = read_trajectory(out)
     assert trajectory.status == CLOSED and trajectory.attributes["interrupted"] is True
     assert trajectory.incomplete_rows == 0  # the row being written was finished
@@ -233,7 +233,7 @@ def test_errors_in_the_middle_of_a_run_keep_the_rows(tmp_path, asset, expected, 
     result = invoke("run", ASSETS / asset, "-o", out, *options)
     assert_one_line_error(
         result,
-        rf"{asset}: {expected}; the run stopped at step {failing_step}; the \d+ probe rows "
+        rf"{asset}: {expected}; the run stopped at step {failing_step}; the \d+ probe rows? "
         rf"measured before are in {re.escape(str(out))}$",
     )
     trajectory = read_trajectory(out)
@@ -304,11 +304,14 @@ BROKEN_MODEL_FILES = {  # asset -> (the line says, the run got far enough to wri
     "broken_loss_nonscalar.py": ("returned a tensor of shape \\(8,\\); it must be a scalar", False),
     "broken_loss_not_tensor.py": ("returned a float, not a scalar tensor", False),
     "broken_loss_raises_later.py": ("raised ValueError: sample 9 has no label", True),
+    "broken_meta_device.py": ("on the meta device", False),
     "broken_model_not_callable.py": ("model is an int, not a function", False),
     "broken_model_returns_tensor.py": ("returned a tensor of shape .*, not a torch.nn", False),
     "broken_no_dataloader.py": (r"defines no dataloader\(\)", False),
     "broken_no_model.py": (r"defines no model\(\)", False),
     "broken_no_trainable_params.py": ("no parameters with requires_grad=True", False),
+    "broken_one_shot_generator.py": (r"dataloader\(\) returned a one-shot iterator \(a "
+                                     r"generator\).* exhausted after 4 batches at step 4", True),
     "broken_syntax.py": (r"line \d+: syntax error", False),
     "not_python.txt": ("not a Python file", False),
     "missing.py": ("no such file", False),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ASSETS
 
-from smoothprof.loading import load_model_file
+from smoothprof.loading import ModelFileError, load_model_file
 from smoothprof.train import ConfigError, RunConfig, prepare_run, train
 from smoothprof.trajectory import TrajectoryWriter, read_trajectory
 
@@ -160,3 +160,88 @@ def test_cli_runs_with_and_without_probes_are_bit_for_bit_equal(tmp_path):
     assert probed_state.keys() == plain_state.keys()
     for key in probed_state:
         assert torch.equal(probed_state[key], plain_state[key]), key
+
+
+# --- dataloader() must be re-iterable: every pass over the data iterates it again ----------
+
+DATALOADERS = {
+    "a_generator": """
+def dataloader():
+    for i in range(0, 32, 8):
+        yield X[i : i + 8], Y[i : i + 8]
+""",
+    "an_own_iterator": """
+class Batches:  # its own iterator, never rewound: one pass only
+    def __init__(self):
+        self.i = 0
+    def __iter__(self):
+        return self
+    def __next__(self):
+        if self.i >= 32:
+            raise StopIteration
+        self.i += 8
+        return X[self.i - 8 : self.i], Y[self.i - 8 : self.i]
+
+def dataloader():
+    return Batches()
+""",
+    "a_rewinding_iterator": """
+class Batches:  # its own iterator, rewound by __iter__: every pass works
+    def __iter__(self):
+        self.i = 0
+        return self
+    def __next__(self):
+        if self.i >= 32:
+            raise StopIteration
+        self.i += 8
+        return X[self.i - 8 : self.i], Y[self.i - 8 : self.i]
+
+def dataloader():
+    return Batches()
+""",
+    "a_class_with_iter": """
+class Batches:
+    def __iter__(self):
+        for i in range(0, 32, 8):
+            yield X[i : i + 8], Y[i : i + 8]
+
+def dataloader():
+    return Batches()
+""",
+    "a_list": """
+def dataloader():
+    return [(X[i : i + 8], Y[i : i + 8]) for i in range(0, 32, 8)]
+""",
+    "a_dataloader": """
+def dataloader():
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=8)
+""",
+    "an_endless_generator": """
+def dataloader():
+    while True:
+        yield X[:8], Y[:8]
+""",
+}
+ONE_SHOT = {"a_generator": "a generator", "an_own_iterator": "Batches"}
+
+
+@pytest.mark.parametrize("kind", sorted(DATALOADERS))
+def test_a_one_shot_dataloader_is_named_at_its_second_pass(tmp_path, kind):
+    path = tmp_path / f"{kind}.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\nX = torch.randn(32, 4)\n"
+        "Y = torch.randint(0, 3, (32,))\n\ndef model():\n    return nn.Linear(4, 3)\n"
+        + DATALOADERS[kind]
+    )
+    spec = load_model_file(path)
+    prepared = prepare_run(spec, RunConfig(steps=10, probe_every=0))
+    if kind not in ONE_SHOT:
+        assert train(prepared).steps_done == 10
+        return
+    with pytest.raises(ModelFileError) as info:
+        train(prepared)
+    assert str(info.value) == (
+        f"{path}: dataloader() returned a one-shot iterator ({ONE_SHOT[kind]}), which cannot "
+        "be iterated twice; it was exhausted after 4 batches at step 4; return a re-iterable "
+        "(a DataLoader, a list, or a class with __iter__) instead"
+    )
