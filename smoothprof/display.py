@@ -417,8 +417,12 @@ def fit_summary(
 
 # The options of `smoothprof run` that the clipped sweep sets itself (besides -o): a sweep
 # command does not repeat them from the profile. It probes nothing (--probe-every 0), so the
-# profile's schedule and time budget do not apply either.
-SWEEP_SETS = ("lr", "clip", *SCHEDULE_OPTIONS, "max_overhead")
+# profile's schedule, time budget and probe options do not apply either (the probe batches are
+# drawn under a saved RNG state: training does not depend on them).
+SWEEP_SETS = (
+    "lr", "clip", *SCHEDULE_OPTIONS, "max_overhead", "probe_batches", "retain_graphs",
+    "hvp_method", "estimators", "fd_points", "probe_mode", "rtol", "max_hvps",
+)  # fmt: skip
 # Config values null that the command line spells: ``RunConfig.as_json`` writes an uncapped
 # probe overhead (inf) as null.
 _NULL_SPELLINGS = {"max_overhead": "inf"}

@@ -40,13 +40,14 @@ SWEEP_LRS = ("0.2", "0.4", "1", "2", "4")  # 1, 2, 5, 10, 20 times the profile's
 
 
 def expected_options() -> list[str]:
-    """The profile's options that differ from the built-in ones, in the order of RunConfig."""
+    """The profile's options that differ from the built-in ones and that a run without probes
+    uses, in the order of RunConfig."""
     built_in = RunConfig().as_json()
     profile = dataclasses.replace(RunConfig(), **{k: v for k, (v, _) in PROFILE.items()})
     order = [field.name for field in dataclasses.fields(RunConfig)]
     words = []
     for name in sorted(PROFILE, key=order.index):
-        if profile.as_json()[name] != built_in[name]:
+        if name not in SWEEP_SETS and profile.as_json()[name] != built_in[name]:
             words += PROFILE[name][1]
     return words
 
