@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .choices import OPTIMIZERS
 from .distributed import Communicator, shard_dataloader
+from .errors import ConfigError
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import HVP_METHODS, trainable_parameters
 from .probe import (
@@ -31,12 +33,7 @@ from .probe import (
     unchanged_model_state,
 )
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("every", "log")
-
-
-class ConfigError(ValueError):
-    """A run option has a value that cannot work; the message is one line."""
 
 
 @dataclass(frozen=True)
