@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
+from typer.core import TyperGroup
 
 # torch, and the modules that import it, only where `run` needs them: the other commands, --help
 # and --version start without it.
@@ -67,8 +69,23 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
 
+class _LiteralHelpGroup(TyperGroup):
+    """The command group whose help shows every help text as written: what rich would take
+    for markup (``[default: 500]``, ``smoothprof[science]``) is escaped, in every command's and
+    every option's help, however they are added."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for command in (self, *self.commands.values()):
+            command.help = escape(command.help) if command.help else command.help
+            for param in command.params:
+                if getattr(param, "help", None):
+                    param.help = escape(param.help)
+
+
 app = typer.Typer(
     name="smoothprof",
+    cls=_LiteralHelpGroup,
     help=(
         "Measure (L0, L1)-smoothness along a PyTorch training run, fit L0 and L1, and suggest a "
         "gradient-clip threshold and a step size (Zhang, He, Sra, Jadbabaie, ICLR 2020)."
@@ -171,7 +188,7 @@ DebugOption = Annotated[
 ]
 WidthOption = Annotated[
     int | None,
-    typer.Option("--width", min=40, help="Output width in columns (default: $COLUMNS, else 100)."),
+    typer.Option("--width", min=40, help="Output width in columns [default: $COLUMNS, else 100]."),
 ]
 # The fit's options, shared by the commands that fit (fit, report).
 QuantileOption = Annotated[
@@ -211,7 +228,7 @@ def run(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Trajectory file to write (default: MODEL_FILE stem + .h5)."
+            "--output", "-o", help="Trajectory file to write [default: MODEL_FILE stem + .h5]."
         ),
     ] = None,
     steps: Annotated[
@@ -300,10 +317,14 @@ def run(
         int | None, typer.Option(help="Seed for model, data and probe [default: 0].")
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+        str | None,
+        typer.Option(
+            help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ... [default: auto]."
+        ),
     ] = None,
     save_model: Annotated[
-        Path | None, typer.Option(help="Write the final state_dict here (torch.save).")
+        Path | None,
+        typer.Option(help="Write the final state_dict here (torch.save) [default: not saved]."),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing output file.")
