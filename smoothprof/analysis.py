@@ -7,7 +7,8 @@ recommends, with everything the files say about the profiling run.
     analysis = smoothprof.analyze(["a.h5", "b.h5"], skip_steps=100)
     analysis.fit.L0, analysis.recommendations.headline, analysis.as_json()
 
-numpy only (scipy when the fit solves): no torch, no typer, rich or plotext.
+numpy, the trajectory reader (h5py) and scipy once the fit solves: no torch, no typer, rich or
+plotext.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ESTIMATOR_COLUMNS = {"hvp": "hessian_norm", "fd": "smoothness_fd"}
 """The probe column each smoothness estimator of the fit reads."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: == would be ambiguous
 class FitPoints:
     """The probes a fit uses, from every file, at steps >= skip_steps."""
 
@@ -39,7 +40,7 @@ class FitPoints:
     step: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays and trajectories: compare as_json() instead
 class Analysis:
     """The fit of one or more trajectory files and what follows from it.
 
