@@ -19,29 +19,23 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.markup import escape
 from rich.text import Text
+from typer.core import TyperGroup
 
-from . import __version__, distributed
-from .compare import CompareError, compare_runs, comparison_as_json
+# torch, and the modules that import it, only where `run` needs them: the other commands, --help
+# and --version start without it.
+from . import __version__
+from .analysis import ESTIMATOR_COLUMNS, Analysis, analyze
+from .choices import OPTIMIZERS
+from .compare import CompareError, compare_trajectories, comparison_as_json
 from .cost import ProbingCost, first_probe_note, probe_work
 from .display import (
-    ESTIMATOR_COLUMNS,
     ESTIMATOR_LABELS,
     compare_plot,
     compare_table,
@@ -53,26 +47,11 @@ from .display import (
     recommendations_view,
     series_plot,
     to_ascii,
-    training_progress,
 )
-from .distributed import Launch, launch_device, torchrun_launch
-from .fit import MIN_POINTS, EnvelopeFit, FitError, correlation_after_step, fit_envelope
-from .loading import ModelFileError, load_model_file
-from .recommend import WEAK_CORRELATION, ProfilingRun, Recommendations, recommend
+from .errors import ConfigError, ModelFileError
+from .fit import FitError
 from .report import ReportError, require_matplotlib, write_report
-from .schedule import BUDGET_FLOOR, DEFAULT_NUM_PROBES
-from .train import (
-    ESTIMATORS,
-    OPTIMIZERS,
-    ConfigError,
-    PreparedRun,
-    RunConfig,
-    StepReport,
-    planned_probe_steps,
-    prepare_run,
-    save_state_dict,
-    train,
-)
+from .schedule import BUDGET_FLOOR, DEFAULT_NUM_PROBES, planned_probe_steps
 from .trajectory import (
     Trajectory,
     TrajectoryError,
@@ -82,12 +61,34 @@ from .trajectory import (
 )
 from .wording import plural
 
+if TYPE_CHECKING:
+    import torch
+
+    from .distributed import Launch
+    from .train import PreparedRun, RunConfig, StepReport
+
 EXIT_USER_ERROR = 1
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
+
+class _LiteralHelpGroup(TyperGroup):
+    """The command group whose help shows every help text as written: what rich would take
+    for markup (``[default: 500]``, ``smoothprof[science]``) is escaped, in every command's and
+    every option's help, however they are added."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for command in (self, *self.commands.values()):
+            command.help = escape(command.help) if command.help else command.help
+            for param in command.params:
+                if getattr(param, "help", None):
+                    param.help = escape(param.help)
+
+
 app = typer.Typer(
     name="smoothprof",
+    cls=_LiteralHelpGroup,
     help=(
         "Measure (L0, L1)-smoothness along a PyTorch training run, fit L0 and L1, and suggest a "
         "gradient-clip threshold and a step size (Zhang, He, Sra, Jadbabaie, ICLR 2020)."
@@ -123,9 +124,10 @@ def _error_console() -> Console:
 
 
 @contextlib.contextmanager
-def _user_errors(debug: bool, *, rank: int = 0) -> Iterator[None]:
+def _user_errors(debug: bool, *, rank: int = 0, as_json: bool = False) -> Iterator[None]:
     """Turn the user's mistakes into one line on stderr and exit code 1 (ranks other than 0 of
-    a data-parallel run say which they are)."""
+    a data-parallel run say which they are); ``as_json`` also prints ``{"error": line}`` on
+    stdout, for a script that reads the command's JSON."""
     try:
         yield
     except USER_ERRORS as error:
@@ -133,6 +135,8 @@ def _user_errors(debug: bool, *, rank: int = 0) -> Iterator[None]:
             raise
         where = "" if rank == 0 else f"(rank {rank}) "
         _error_console().print(f"error: {where}{error}", markup=False)
+        if as_json:
+            typer.echo(json.dumps({"error": f"{where}{error}"}))
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
@@ -187,7 +191,7 @@ DebugOption = Annotated[
 ]
 WidthOption = Annotated[
     int | None,
-    typer.Option("--width", min=40, help="Output width in columns (default: $COLUMNS, else 100)."),
+    typer.Option("--width", min=40, help="Output width in columns [default: $COLUMNS, else 100]."),
 ]
 # The fit's options, shared by the commands that fit (fit, report).
 QuantileOption = Annotated[
@@ -227,7 +231,7 @@ def run(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Trajectory file to write (default: MODEL_FILE stem + .h5)."
+            "--output", "-o", help="Trajectory file to write [default: MODEL_FILE stem + .h5]."
         ),
     ] = None,
     steps: Annotated[
@@ -330,10 +334,14 @@ def run(
         int | None, typer.Option(help="Seed for model, data and probe [default: 0].")
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+        str | None,
+        typer.Option(
+            help="auto (cuda when available, else cpu), cpu, cuda, cuda:1 ... [default: auto]."
+        ),
     ] = None,
     save_model: Annotated[
-        Path | None, typer.Option(help="Write the final state_dict here (torch.save).")
+        Path | None,
+        typer.Option(help="Write the final state_dict here (torch.save) [default: not saved]."),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing output file.")
@@ -350,6 +358,9 @@ def run(
     trains its share of the data with DistributedDataParallel, the probe measures over all the
     probe batches, and rank 0 alone prints and writes the file.
     """
+    from .distributed import torchrun_launch
+    from .train import ESTIMATORS, RunConfig, prepare_run, save_state_dict
+
     overrides: dict[str, Any] = {
         "steps": steps, "lr": lr, "optimizer": optimizer, "clip": clip,
         "probe_every": probe_every, "probe_batches": probe_batches, "rtol": rtol,
@@ -395,6 +406,9 @@ def run(
 
 
 def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tuple[Any, RunConfig]:
+    from .loading import load_model_file
+    from .train import RunConfig
+
     spec = load_model_file(model_file)
     try:
         config = RunConfig.from_options(spec.defaults, overrides)
@@ -525,6 +539,10 @@ def _run_distributed(
     """``smoothprof run`` as one rank of a torchrun launch: DDP training, a global probe, and
     rank 0 alone printing and writing. The user's mistakes found before training are agreed on
     by all ranks, so every rank exits 1 (and rank 0 says why, in one line) instead of hanging."""
+    import torch
+
+    from .distributed import launch_device
+
     rank0 = launch.rank == 0
     err = _error_console() if rank0 else Console(quiet=True)
     problem: Exception | None = None
@@ -568,6 +586,9 @@ def _train_distributed(
     err: Console,
 ) -> tuple[PreparedRun, Any]:
     """Join the process group, agree on errors, prepare, and train; rank 0 writes."""
+    from . import distributed
+    from .train import prepare_run, save_state_dict
+
     rank0 = launch.rank == 0
     with distributed.process_group(device) as comm:
         _agree_on_errors(comm, problem, debug)
@@ -685,6 +706,8 @@ def _check_output(output: Path, force: bool) -> None:
 def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bool) -> Any:
     """Train while writing rows; on Ctrl-C or an error, close the file and say where it is.
     After the first probe, say when the schedule's probes would cost far more than training."""
+    from .train import train
+
     steps_done, noted = 0, False
     try:
         with _progress(err, prepared.config.steps) as (report, report_hvp):
@@ -758,6 +781,8 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
 
 def _lost_another_rank(error: BaseException) -> bool:
     """Whether a collective failed because another rank of a data-parallel run went away."""
+    import torch
+
     seen: BaseException | None = error
     while seen is not None:
         text = str(seen)
@@ -783,7 +808,7 @@ def _torch_version() -> str:
 PROBE_NOTE_SECONDS = 30.0
 """In a log, a probe still taking Hessian-vector products says so this often (seconds)."""
 
-StepReporter = Callable[[StepReport], None]
+StepReporter = Callable[["StepReport"], None]
 HvpReporter = Callable[[int, int], None]
 
 
@@ -792,6 +817,15 @@ def _progress(console: Console, total: int) -> Iterator[tuple[StepReporter, HvpR
     """Report training steps and the HVPs of long probes: a rich progress bar in a terminal
     (its status names the probe's HVPs while they run); in a log a plain line every tenth of
     the run, and one every ``PROBE_NOTE_SECONDS`` while a probe is still at its HVPs."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     if console.is_terminal:
         progress = Progress(
             TextColumn("step"),
@@ -864,199 +898,6 @@ def _read_noting_status(path: Path) -> Trajectory:
     return trajectory
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def _choose_estimator(trajectories: list[Trajectory], estimator: str | None) -> str:
-    def has(column: str) -> bool:
-        return any(np.isfinite(t.probes.get(column, np.array([]))).any() for t in trajectories)
-
-    if estimator is not None:
-        if estimator not in ESTIMATOR_COLUMNS:
-            raise typer.BadParameter(f"--estimator must be hvp or fd, got {estimator!r}")
-        if not has(ESTIMATOR_COLUMNS[estimator]):
-            raise FitError(
-                f"no {estimator} measurements in {', '.join(str(t.path) for t in trajectories)}"
-            )
-        return estimator
-    for name in ("hvp", "fd"):
-        if has(ESTIMATOR_COLUMNS[name]):
-            return name
-    raise FitError(
-        f"{', '.join(str(t.path) for t in trajectories)}: no smoothness measurements "
-        "(was the run made with --probe-every 0?)"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class FitPoints:
-    """The probes a fit uses, from every file, at steps >= skip_steps."""
-
-    grad_norm: np.ndarray
-    smoothness: np.ndarray
-    progress: np.ndarray  # training progress, 0 to 1, of each point's run
-    step: np.ndarray
-
-
-def _fit_points(trajectories: list[Trajectory], column: str, skip_steps: int) -> FitPoints:
-    """Gradient norms, smoothness, training progress and steps of the probes of every file at
-    steps >= skip_steps."""
-    grads, values, progress, kept_steps = [], [], [], []
-    for trajectory in trajectories:
-        steps = trajectory.probes["step"]
-        keep = steps >= skip_steps
-        grads.append(trajectory.probes["grad_norm"][keep])
-        values.append(trajectory.probes[column][keep])
-        progress.append(training_progress(steps[keep], _last_step(trajectory)))
-        kept_steps.append(steps[keep])
-    if skip_steps and sum(int(np.sum(np.isfinite(v))) for v in values) < MIN_POINTS:
-        kept = sum(len(v) for v in values)
-        raise FitError(
-            f"--skip-steps {skip_steps} leaves {kept} probe(s); the fit needs at least "
-            f"{MIN_POINTS} (the last probe is at step "
-            f"{max(int(t.probes['step'].max(initial=-1)) for t in trajectories)})"
-        )
-    return FitPoints(
-        np.concatenate(grads),
-        np.concatenate(values),
-        np.concatenate(progress),
-        np.concatenate(kept_steps),
-    )
-
-
-def _with_early_steps_note(
-    recs: Recommendations, fit: EnvelopeFit, points: FitPoints
-) -> Recommendations:
-    """Add a warning when a weak correlation comes from the first steps only."""
-    if fit.spearman_log > WEAK_CORRELATION:
-        return recs
-    found = correlation_after_step(points.grad_norm, points.smoothness, points.step)
-    if found is None:
-        return recs
-    step, rho = found
-    note = (
-        f"without the probes before step {step} the Spearman correlation is {rho:.2f}: the "
-        "first steps of the run move differently (often the gradient norm falls while the "
-        f"smoothness rises); fit the rest with --skip-steps {step}."
-    )
-    return dataclasses.replace(recs, warnings=(*recs.warnings, note))
-
-
-def _last_step(trajectory: Trajectory) -> float:
-    """The last step of the run: the last training row, else the planned steps, else the last
-    probe."""
-    train_steps = trajectory.train.get("step", np.array([]))
-    if len(train_steps):
-        return float(np.max(train_steps))
-    planned = trajectory.config.get("steps")
-    if isinstance(planned, int) and planned > 0:
-        return float(planned - 1)
-    return float(np.max(trajectory.probes["step"], initial=0))
-
-
-def _num_steps(trajectories: list[Trajectory]) -> int | None:
-    """T of the stochastic rule: the longest run's planned steps, else its training rows."""
-    counts = []
-    for trajectory in trajectories:
-        planned = trajectory.config.get("steps")
-        if isinstance(planned, int) and not isinstance(planned, bool) and planned > 0:
-            counts.append(planned)
-        elif len(trajectory.train.get("step", [])):
-            counts.append(len(trajectory.train["step"]))
-    return max(counts) if counts else None
-
-
-def _profiling_run(trajectories: list[Trajectory]) -> ProfilingRun:
-    """How the fitted runs trained: the smallest recorded lr (config, else the training rows),
-    clipped if any run clipped, the optimizer when all runs name the same one."""
-    lrs, clips, optimizers = [], [], set()
-    for trajectory in trajectories:
-        config = trajectory.config
-        lr = config.get("lr")
-        if not _positive_number(lr):
-            recorded = trajectory.train.get("lr", np.array([]))
-            recorded = recorded[np.isfinite(recorded) & (recorded > 0)]
-            lr = float(np.median(recorded)) if len(recorded) else None
-        if lr is not None:
-            lrs.append(float(lr))
-        if _positive_number(config.get("clip")):
-            clips.append(float(config["clip"]))
-        optimizers.add(
-            config.get("optimizer") if isinstance(config.get("optimizer"), str) else None
-        )
-    return ProfilingRun(
-        lr=min(lrs) if lrs else None,
-        clip=min(clips) if clips else None,
-        optimizer=optimizers.pop() if len(optimizers) == 1 else None,
-    )
-
-
-def _positive_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
-
-
-def _noise_level(trajectories: list[Trajectory]) -> float | None:
-    """τ: the median over the probes of the spread of per-batch gradients; None when no probe
-    measured a positive spread (one probe batch, or identical batches)."""
-    noise = np.concatenate([t.probes.get("grad_noise", np.array([])) for t in trajectories])
-    noise = noise[np.isfinite(noise) & (noise > 0)]
-    return float(np.median(noise)) if len(noise) else None
-
-
-def fit_as_json(
-    fit: EnvelopeFit,
-    recs: Recommendations,
-    estimator: str,
-    files: list[str],
-    *,
-    grad_noise: float | None = None,
-    num_steps: int | None = None,
-    skip_steps: int = 0,
-) -> dict[str, Any]:
-    """The JSON document of ``smoothprof fit --json`` (documented in README.md)."""
-    statistics = {
-        key: getattr(fit, key)
-        for key in ("num_points", "num_dropped", "share_below", "spearman_log", "pearson_log",
-                    "L_max", "G_max", "quantile", "confidence")
-    }  # fmt: skip
-    return _finite_or_none(
-        {
-            "files": files,
-            "estimator": estimator,
-            "skip_steps": skip_steps,
-            "L0": fit.L0,
-            "L1": fit.L1,
-            "L0_interval": list(fit.L0_interval) if fit.L0_interval else None,
-            "L1_interval": list(fit.L1_interval) if fit.L1_interval else None,
-            "clip_threshold": recs.headline.clip_threshold,
-            "step_size": recs.headline.step_size,
-            "headline": asdict(recs.headline),
-            "recommendations": [asdict(r) for r in recs.rules],
-            "fixed_step_observed": recs.fixed_step_observed,
-            "predicted_speedup": recs.predicted_speedup,
-            "grad_noise": grad_noise,
-            "num_steps": num_steps,
-            "sweep_lrs": list(recs.sweep_lrs),
-            "explanation": recs.explanation,
-            "warnings": list(recs.warnings),
-            "caveats": list(recs.caveats),
-            "statistics": statistics,
-        }
-    )
-
-
 @app.command()
 def fit(
     trajectory_files: Annotated[
@@ -1079,62 +920,60 @@ def fit(
     ascii_only: AsciiOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Fit L0 and L1 as an upper envelope and suggest a clip threshold and a step size."""
-    with _user_errors(debug):
-        trajectories = [_read_noting_status(path) for path in trajectory_files]
-        chosen = _choose_estimator(trajectories, estimator)
-        column = ESTIMATOR_COLUMNS[chosen]
-        points = _fit_points(trajectories, column, skip_steps)
-        grad_norm, smoothness, progress = points.grad_norm, points.smoothness, points.progress
-        envelope = fit_envelope(grad_norm, smoothness, quantile=quantile, num_bootstrap=bootstrap)
-        grad_noise, num_steps = _noise_level(trajectories), _num_steps(trajectories)
-        recs = recommend(
-            envelope,
-            grad_noise=grad_noise,
-            num_steps=num_steps,
-            profile=_profiling_run(trajectories),
-        )
-        recs = _with_early_steps_note(recs, envelope, points)
-    files = [str(path) for path in trajectory_files]
+    """Fit L0 and L1 as an upper envelope and suggest a clip threshold and a step size.
+
+    With --json, a problem with the files is a JSON object too: {"error": "..."} on stdout
+    (and the same line on stderr), exit code 1.
+    """
+    with _user_errors(debug, as_json=as_json):
+        analysis = _analyze_files(trajectory_files, estimator, skip_steps, quantile, bootstrap)
     if as_json:
-        document = fit_as_json(
-            envelope,
-            recs,
-            chosen,
-            files,
-            grad_noise=grad_noise,
-            num_steps=num_steps,
-            skip_steps=skip_steps,
-        )
-        typer.echo(json.dumps(document, indent=2))
+        typer.echo(json.dumps(analysis.as_json(), indent=2))
         return
+    envelope, recs, points = analysis.fit, analysis.recommendations, analysis.points
     out_width = _output_width(width)
     color = _use_color() and not ascii_only
     parts: list[Any] = [
         fit_summary(
             envelope,
-            chosen,
-            files,
-            grad_noise=grad_noise,
+            analysis.estimator,
+            list(analysis.files),
+            grad_noise=analysis.grad_noise,
             skip_steps=skip_steps,
             ascii_only=ascii_only,
         )
     ]
     if plot:
         figure = envelope_plot(
-            grad_norm,
-            smoothness,
+            points.grad_norm,
+            points.smoothness,
             envelope,
-            progress=progress,
+            progress=points.progress,
             width=out_width,
             color=color,
             ascii_only=ascii_only,
-            smoothness_label=ESTIMATOR_LABELS[chosen],
+            smoothness_label=ESTIMATOR_LABELS[analysis.estimator],
         )
         parts.append(Text.from_ansi(figure) if color else Text(figure))
-    commands = profile_sweep_commands(trajectories, recs)
+    commands = profile_sweep_commands(analysis.trajectories, recs)
     parts.append(recommendations_view(recs, ascii_only=ascii_only, commands=commands))
     _emit(out_width, ascii_only, *parts)
+
+
+def _analyze_files(
+    paths: list[Path], estimator: str | None, skip_steps: int, quantile: float, bootstrap: int
+) -> Analysis:
+    """``analyze`` on the files, each read saying on stderr when a run is still writing it or
+    left it unclosed; an unknown --estimator is a usage error."""
+    if estimator is not None and estimator not in ESTIMATOR_COLUMNS:
+        raise typer.BadParameter(f"--estimator must be hvp or fd, got {estimator!r}")
+    return analyze(
+        [_read_noting_status(path) for path in paths],
+        estimator=estimator,
+        skip_steps=skip_steps,
+        quantile=quantile,
+        bootstrap=bootstrap,
+    )
 
 
 @app.command()
@@ -1194,15 +1033,7 @@ def compare(
         raise typer.BadParameter(f"--target must be a finite number, got {target}")
     with _user_errors(debug):
         trajectories = [_read_noting_status(path) for path in trajectory_files]
-        comparison = compare_runs(
-            [str(path) for path in trajectory_files],
-            [t.train for t in trajectories],
-            [t.config for t in trajectories],
-            probe_losses=[(t.probes["step"], t.probes["loss"]) for t in trajectories],
-            diverged_at=[_diverged_at(t) for t in trajectories],
-            target=target,
-            window=window,
-        )
+        comparison = compare_trajectories(trajectories, target=target, window=window)
     if as_json:
         typer.echo(json.dumps(comparison_as_json(comparison), indent=2))
         return
@@ -1214,11 +1045,6 @@ def compare(
         parts.append(Text.from_ansi(figure) if color else Text(figure))
     parts.append(compare_table(comparison, ascii_only=ascii_only))
     _emit(out_width, ascii_only, *parts)
-
-
-def _diverged_at(trajectory: Trajectory) -> int | None:
-    value = trajectory.attributes.get("diverged_at_step")
-    return int(value) if isinstance(value, (int, np.integer)) else None
 
 
 @app.command()
@@ -1246,28 +1072,15 @@ def report(
     with both, the fit and the recommendations. Needs matplotlib (smoothprof[science])."""
     with _user_errors(debug):
         require_matplotlib()
-        trajectory = _read_noting_status(trajectory_file)
-        chosen = _choose_estimator([trajectory], estimator)
-        points = _fit_points([trajectory], ESTIMATOR_COLUMNS[chosen], skip_steps)
-        envelope = fit_envelope(
-            points.grad_norm, points.smoothness, quantile=quantile, num_bootstrap=bootstrap
-        )
-        grad_noise, num_steps = _noise_level([trajectory]), _num_steps([trajectory])
-        recs = recommend(
-            envelope,
-            grad_noise=grad_noise,
-            num_steps=num_steps,
-            profile=_profiling_run([trajectory]),
-        )
-        recs = _with_early_steps_note(recs, envelope, points)
+        analysis = _analyze_files([trajectory_file], estimator, skip_steps, quantile, bootstrap)
         directory = output_dir if output_dir is not None else Path(trajectory_file.stem + "_report")
         files = write_report(
-            trajectory,
-            envelope,
-            recs,
+            analysis.trajectories[0],
+            analysis.fit,
+            analysis.recommendations,
             directory,
-            estimator=chosen,
-            grad_noise=grad_noise,
+            estimator=analysis.estimator,
+            grad_noise=analysis.grad_noise,
             skip_steps=skip_steps,
         )
     console = _stdout_console(_output_width(None))

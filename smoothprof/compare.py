@@ -20,9 +20,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .trajectory import Trajectory
 
 TARGET_SHARE = 0.1  # the default target: 10% of the way from the worst final to the lowest start
 FINAL_SHARE = 0.05  # the final loss is the mean over the last 5% of the training rows
@@ -276,6 +279,31 @@ def compare_runs(
         curves=curves,
         target_note=note,
     )
+
+
+def compare_trajectories(
+    trajectories: Sequence[Trajectory],
+    *,
+    target: float | None = None,
+    window: int | None = None,
+) -> Comparison:
+    """``compare_runs`` on trajectories read with ``read_trajectory``, labelled by their paths:
+    their training rows, configs, probe losses and the step at which each diverged."""
+    return compare_runs(
+        [str(t.path) for t in trajectories],
+        [t.train for t in trajectories],
+        [t.config for t in trajectories],
+        probe_losses=[(t.probes["step"], t.probes["loss"]) for t in trajectories],
+        diverged_at=[diverged_at_step(t) for t in trajectories],
+        target=target,
+        window=window,
+    )
+
+
+def diverged_at_step(trajectory: Trajectory) -> int | None:
+    """The step at which the run of ``trajectory`` diverged, as its file records; None if not."""
+    value = trajectory.attributes.get("diverged_at_step")
+    return int(value) if isinstance(value, (int, np.integer)) else None
 
 
 def comparison_as_json(comparison: Comparison) -> dict[str, Any]:

@@ -71,7 +71,6 @@ def to_ascii(text: str) -> str:
     return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
 
 
-ESTIMATOR_COLUMNS = {"hvp": "hessian_norm", "fd": "smoothness_fd"}
 ESTIMATOR_LABELS = {
     "hvp": "||Hessian|| (top |eigenvalue|, Lanczos)",
     "fd": "finite difference along the update",
@@ -113,18 +112,6 @@ PROGRESS_THIRDS = (
 )
 
 
-def training_progress(steps: np.ndarray, last_step: float) -> np.ndarray:
-    """step / last_step clipped to [0, 1]: the fraction of a run done when each probe measured.
-
-    >>> training_progress(np.array([0, 50, 100]), 100).tolist()
-    [0.0, 0.5, 1.0]
-    """
-    steps = np.asarray(steps, dtype=np.float64)
-    if not last_step > 0:
-        return np.zeros_like(steps)
-    return np.clip(steps / float(last_step), 0.0, 1.0)
-
-
 def progress_third(progress: np.ndarray) -> np.ndarray:
     """0, 1 or 2: the third of the run (early, middle, late) a progress fraction falls in.
 
@@ -163,7 +150,7 @@ def envelope_plot(
 ) -> str:
     """Gradient norm against smoothness on log axes, with the fitted envelope L0 + L1 g.
 
-    With `progress` (the fraction of the run done at each point, see training_progress) the
+    With `progress` (the fraction of the run done at each point, see analysis.training_progress) the
     points of the early, middle and late third of the run get their own marker and legend entry.
     """
     grad_norm = np.asarray(grad_norm, dtype=np.float64)

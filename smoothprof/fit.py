@@ -5,7 +5,7 @@ estimate) at the same parameters. The (L0, L1) condition is an upper bound (Zhan
 Definition 1), so the fit is an upper envelope, not a least-squares line: linear quantile regression
 at a high quantile tau with L0, L1 >= 0 (theory.md §3), solved exactly as a linear program.
 
-numpy and scipy only: no torch, no I/O.
+numpy and scipy (imported by the solver, when a fit needs it) only: no torch, no I/O.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
-from scipy.optimize import linprog
 
 __all__ = [
     "MIN_POINTS",
@@ -76,6 +74,9 @@ def quantile_envelope(
     With a single distinct g the slope is not identifiable and L1 = 0 is returned.
     Raises FitError when the solver fails or the unscaled values overflow.
     """
+    import scipy.sparse  # here, not at the top: reading a file or --help need not load scipy
+    from scipy.optimize import linprog
+
     g = np.asarray(grad_norm, dtype=np.float64)
     L = np.asarray(smoothness, dtype=np.float64)
     n = g.size

@@ -23,13 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ModelFileError
 from .wording import plural
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-class ModelFileError(Exception):
-    """A model file is missing, broken, or breaks the contract; the message is one line."""
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -403,7 +403,7 @@ def write_report(
     column of ``estimator`` (hvp or fd), the points ``fit`` was fitted to.
     """
     require_matplotlib()
-    from .display import ESTIMATOR_COLUMNS
+    from .analysis import ESTIMATOR_COLUMNS
 
     directory = Path(output_dir)
     try:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
 
 Schedule = Callable[[int], bool]
 
 SCHEDULE_OPTIONS = ("probe_schedule", "probe_every", "num_probes", "probes_per_decade")
 """The run options that together say when to probe: given on the command line, they replace the
 model file's, all of them, so that a file's ``probe_every`` never mixes with ``--num-probes``."""
+
+DEFAULT_PROBE_EVERY = 10
+"""The interval of ``--probe-schedule every`` when no ``--probe-every`` is given."""
 
 DEFAULT_NUM_PROBES = 30
 """Probes of the default schedule: enough for a 0.95-quantile envelope with a few points above
@@ -111,3 +115,38 @@ def evenly_chosen(steps: Sequence[int], count: int) -> tuple[int, ...]:
         return (steps[0],)
     last = len(steps) - 1
     return tuple(sorted({steps[round(i * last / (count - 1))] for i in range(count)}))
+
+
+class ScheduleOptions(Protocol):
+    """The run options a schedule is made of (``train.RunConfig`` has them)."""
+
+    steps: int
+    probe_schedule: str
+    probe_every: int | None
+    num_probes: int
+    probes_per_decade: float
+
+
+def probe_schedule(config: ScheduleOptions) -> Callable[[int], bool]:
+    """The steps to probe at: ``num_probes`` spread over the run, every ``probe_every`` steps,
+    or log-spaced; never with ``probe_every=0``. A function of the options alone."""
+    if config.probe_every == 0:
+        return every_k_steps(0)
+    if config.probe_schedule == "log":
+        return log_spaced_steps(config.probes_per_decade)
+    if config.probe_schedule == "every":
+        return every_k_steps(config.probe_every or DEFAULT_PROBE_EVERY)
+    return frozenset(spread_steps(config.steps, config.num_probes)).__contains__
+
+
+def planned_probe_steps(config: ScheduleOptions) -> tuple[int, ...]:
+    """Every step the run's schedule probes, in order."""
+    if config.probe_schedule == "auto" and config.probe_every != 0:
+        return spread_steps(config.steps, config.num_probes)
+    return steps_in(probe_schedule(config), config.steps)
+
+
+def budget_floor_steps(config: ScheduleOptions) -> tuple[int, ...]:
+    """The probes a time budget (``max_overhead``) never skips: ``BUDGET_FLOOR`` of the planned
+    ones, spread over the run, so the fit has its points however slow probing is."""
+    return evenly_chosen(planned_probe_steps(config), BUDGET_FLOOR)

@@ -19,31 +19,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from .choices import OPTIMIZERS
 from .distributed import Communicator, ShardedLoader, shard_dataloader
+from .errors import ConfigError
 from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
 from .objective import HVP_METHODS, trainable_parameters
 from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from .schedule import (
-    BUDGET_FLOOR,
     DEFAULT_NUM_PROBES,
+    DEFAULT_PROBE_EVERY,
     SCHEDULE_OPTIONS,
-    evenly_chosen,
-    every_k_steps,
-    log_spaced_steps,
-    spread_steps,
-    steps_in,
+    budget_floor_steps,
+    probe_schedule,
 )
 from .wording import plural
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("auto", "every", "log")
 """auto: ``num_probes`` probes spread over the run (``schedule.spread_steps``); every: every
 ``probe_every`` steps; log: ``probes_per_decade`` log-spaced probes per decade of steps."""
-DEFAULT_PROBE_EVERY = 10
-
-
-class ConfigError(ValueError):
-    """A run option has a value that cannot work; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -229,31 +222,6 @@ def _resolved_schedule(values: Mapping[str, Any]) -> dict[str, Any]:
     if schedule == "every" and every is None:
         return {"probe_schedule": schedule, "probe_every": DEFAULT_PROBE_EVERY}
     return {"probe_schedule": schedule}
-
-
-def probe_schedule(config: RunConfig) -> Callable[[int], bool]:
-    """The steps to probe at: ``num_probes`` spread over the run, every ``probe_every`` steps,
-    or log-spaced; never with ``probe_every=0``. A function of the options alone."""
-    if config.probe_every == 0:
-        return every_k_steps(0)
-    if config.probe_schedule == "log":
-        return log_spaced_steps(config.probes_per_decade)
-    if config.probe_schedule == "every":
-        return every_k_steps(config.probe_every or DEFAULT_PROBE_EVERY)
-    return frozenset(spread_steps(config.steps, config.num_probes)).__contains__
-
-
-def planned_probe_steps(config: RunConfig) -> tuple[int, ...]:
-    """Every step the run's schedule probes, in order."""
-    if config.probe_schedule == "auto" and config.probe_every != 0:
-        return spread_steps(config.steps, config.num_probes)
-    return steps_in(probe_schedule(config), config.steps)
-
-
-def budget_floor_steps(config: RunConfig) -> tuple[int, ...]:
-    """The probes a time budget (``max_overhead``) never skips: ``BUDGET_FLOOR`` of the planned
-    ones, spread over the run, so the fit has its points however slow probing is."""
-    return evenly_chosen(planned_probe_steps(config), BUDGET_FLOOR)
 
 
 def _positive(value: Any) -> bool:

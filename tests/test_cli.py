@@ -55,6 +55,42 @@ def test_run_help_lists_the_options():
         assert option in text
 
 
+def help_rows(command: str) -> dict[str, str]:
+    """The option rows of a command's --help, by the option's first name, one line each."""
+    text = invoke(command, "--help", env={"COLUMNS": "400"}).output
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"^│\s+(--[\w-]+)\s", line)
+        if match:
+            rows[match.group(1)] = line
+    return rows
+
+
+def test_help_shows_its_texts_as_written():
+    """Help texts reach the screen whole: rich would take `[default: 500]` and `[science]` for
+    markup and drop them."""
+    assert "Optimizer steps [default: 500]." in help_rows("run")["--steps"]
+    assert "One of sgd, momentum, adam [default: sgd]." in help_rows("run")["--optimizer"]
+    report_help = " ".join(invoke("report", "--help", env={"COLUMNS": "400"}).output.split())
+    assert "Needs matplotlib (smoothprof[science])." in report_help
+
+
+def test_every_option_shows_its_default():
+    """Every option of every command that takes a value, and every on/off pair, says what it
+    is when not given (a lone flag such as --force is off unless given)."""
+    checked = set()
+    for command in COMMANDS:
+        rows = help_rows(command)
+        for param in get_command(app).commands[command].params:
+            if param.param_type_name != "option" or (param.is_flag and not param.secondary_opts):
+                continue
+            name = next(opt for opt in param.opts if opt.startswith("--"))
+            assert "[default: " in rows[name], (command, rows[name])
+            checked.add((command, name))
+    assert {("run", "--output"), ("run", "--retain-graphs"), ("fit", "--width")} <= checked
+    assert {("compare", "--target"), ("report", "--output-dir")} <= checked
+
+
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.startswith("smoothprof ")

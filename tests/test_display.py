@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import smoothprof
+from smoothprof.analysis import training_progress
 from smoothprof.cli import app
 from smoothprof.display import (
     PROGRESS_THIRDS,
@@ -28,7 +29,6 @@ from smoothprof.display import (
     recommendations_view,
     rolling_share,
     series_plot,
-    training_progress,
 )
 
 L0, L1, NOISE, STEPS = 2.0, 0.5, 10.0, 600  # the headline clip threshold is c = L0/L1 = 4

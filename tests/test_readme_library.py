@@ -34,6 +34,7 @@ def test_library_example_runs(tmp_path, monkeypatch, capsys):
     assert namespace["result"].converged
     assert namespace["trajectory"].num_probes == 4
     assert namespace["fit"].num_points == 4
+    assert namespace["analysis"].fit == namespace["fit"]  # the same points, the same fit
     assert "torch.optim.SGD" in capsys.readouterr().out
     # Its file holds the training rows: `smoothprof compare` (and `plot`) read it.
     train = namespace["trajectory"].train

@@ -266,7 +266,7 @@ def test_an_unexpected_exception_during_training_is_one_line(tmp_path, monkeypat
         on_train_row({"step": 0, "loss": 1.0, "grad_norm": 1.0, "lr": 0.1, "clipped": False})
         raise RuntimeError("something inside\nbroke")
 
-    monkeypatch.setattr(cli, "train", failing_train)
+    monkeypatch.setattr("smoothprof.train.train", failing_train)  # cli imports it when it runs
     out = tmp_path / "x.h5"
     result = invoke("run", MODEL, "-o", out, "--steps", "3")
     assert_one_line_error(

@@ -17,10 +17,12 @@ from smoothprof.schedule import (
     BUDGET_FLOOR,
     DEFAULT_NUM_PROBES,
     as_schedule,
+    budget_floor_steps,
     evenly_chosen,
+    planned_probe_steps,
     spread_steps,
 )
-from smoothprof.train import ConfigError, RunConfig, budget_floor_steps, planned_probe_steps
+from smoothprof.train import ConfigError, RunConfig
 
 pytestmark = pytest.mark.usefixtures("clean_sys_path")
 runner = CliRunner()
