@@ -1006,9 +1006,9 @@ def compare(
     target: Annotated[
         float | None,
         typer.Option(
-            help="Loss to reach (default: one every run starts above and reaches by its end, "
+            help="Loss to reach [default: one every run starts above and reaches by its end, "
             "10% of the way from the worst final smoothed loss up to the lowest starting one; "
-            "when no level suits every run, the one that suits the most, with a note why)."
+            "when no level suits every run, the one that suits the most, with a note why]."
         ),
     ] = None,
     window: Annotated[
