@@ -447,7 +447,7 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
         f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
         + (f", clip {config.clip:g}" if config.clip else "")
-        + f", {_schedule_text(config)} on {len(prepared.probe_batches)} batch(es), "
+        + f", {_schedule_text(config)} on {plural(len(prepared.probe_batches), 'batch')}, "
         f"device {prepared.device}{processes}",
         markup=False,
     )
