@@ -473,8 +473,11 @@ def _print_summary(
     err = _error_console()
     console = _stdout_console(_output_width(None))
     converged = sum(r.hessian_converged for r in result.probes)
+    fd_hvps = ", up to the finite-difference HVPs' error" * (
+        result.hvp_method == "finite-difference"
+    )
     certified = (
-        f" ({converged} of {len(result.probes)} Hessian norms certified)"
+        f" ({converged} of {len(result.probes)} Hessian norms certified{fd_hvps})"
         if "hvp" in config.estimators and result.probes
         else ""
     )

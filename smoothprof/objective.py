@@ -252,9 +252,11 @@ HVP_METHODS = ("retained", "double-backward", "forward-over-reverse", "finite-di
 EXACT_HVP_METHODS = HVP_METHODS[:-1]
 """The methods that differentiate twice: exact up to rounding."""
 
-FINITE_DIFFERENCE_HVP_RTOL = {torch.float64: 1e-7, torch.float32: 1e-2}
-"""Relative error ||Hv - H_fd v|| / ||H v|| the finite-difference HVP stays under on the tests'
-small models (tests/test_probe.py, against the dense float64 Hessian)."""
+FINITE_DIFFERENCE_HVP_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+"""A bound on the relative error ||H v - FD(v)|| / ||H v|| of the finite-difference HVP that
+tests/test_probe.py holds on its small models against the dense float64 Hessian; the worst
+measured there was 4e-10 in float64 and 3e-4 in float32 (batch norm), and 2e-3 in float32 on
+a 51k-parameter CNN with Hardswish, whose kinks a step can cross."""
 
 
 def finite_difference_hvp_step(point_norm: float, vector_norm: float, dtype: torch.dtype) -> float:
@@ -265,7 +267,7 @@ def finite_difference_hvp_step(point_norm: float, vector_norm: float, dtype: tor
     each coordinate rounded to eps |x_i|, and the gradients carry their own rounding. A step of
     length h ||v|| = eps^(1/3) max(1, ||x||) balances the two (the textbook central-difference
     step, scaled to the parameters so that it does not vanish in their rounding): both come to
-    about eps^(2/3) relative, 5e-6 in float32 and 4e-11 in float64, where the function varies on
+    about eps^(2/3) relative, 2e-5 in float32 and 4e-11 in float64, where the function varies on
     the parameters' own scale.
     """
     eps = torch.finfo(dtype).eps

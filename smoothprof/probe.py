@@ -52,7 +52,9 @@ class HessianNorm:
     ``value`` = |eigenvalue| >= 0; ``eigenvalue`` is the signed eigenvalue of largest magnitude;
     ``eigenvector`` is its unit eigenvector as one flat tensor over the trainable parameters in
     ``model.parameters()`` order; ``converged`` is true when the residual certifies the relative
-    error below ``rtol`` within the HVP budget.
+    error below ``rtol`` within the HVP budget. With finite-difference HVPs the residual is that
+    of the finite-difference operator: the certificate holds up to its error (see
+    ``objective.FINITE_DIFFERENCE_HVP_RTOL``).
     """
 
     value: float
