@@ -440,16 +440,9 @@ class Probe:
             objective = self._objective()
             want_hvp = self._wants("hvp")
             want_curvature = self._wants("curvature")
-            want_graph = want_hvp or want_curvature
-            try:
-                loss, gradient, spread = objective.gradient(create_graph=want_graph)
-            except Exception:
-                if not want_graph:
-                    raise
-                # Without the retained graph; the HVP methods that need none are still tried.
-                loss, gradient, spread = objective.gradient()
+            loss, gradient, spread = objective.gradient(create_graph=want_hvp or want_curvature)
             gradient_norm = torch.linalg.vector_norm(gradient)
-            if want_graph and self.hvp_method == "auto":
+            if (want_hvp or want_curvature) and self.hvp_method == "auto":
                 try:
                     self.hvp_method = self._choose_hvp_method(objective, gradient)
                 except Exception as error:
@@ -514,10 +507,8 @@ class Probe:
             return
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         cause = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
-        names = " and ".join(estimators)
-        message = f"{names} failed at step {step} ({cause}); the run goes on without it"
-        if len(estimators) > 1:
-            message = message.replace("without it", "without them")
+        names, them = " and ".join(estimators), "them" if len(estimators) > 1 else "it"
+        message = f"{names} failed at step {step} ({cause}); the run goes on without {them}"
         for name in estimators:
             self.failed[name] = message
         warnings.warn(message, ProbeEstimatorWarning, stacklevel=3)

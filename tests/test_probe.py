@@ -651,13 +651,13 @@ def test_an_estimator_failing_mid_run_leaves_training_alone(monkeypatch):
 
     monkeypatch.setattr(probe_module, "lanczos_top_eigenpair", fails_from_the_third)
 
-    def train(probe):
+    def train(probed):
         torch.manual_seed(0)
         model = NoisyNet()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
         loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-        probe = probe and Probe(model, loss_fn, batches, every=2)
+        probe = Probe(model, loss_fn, batches, every=2) if probed else None
         for step in range(10):
             with probe.around_step(step) if probe else contextlib.nullcontext():
                 optimizer.zero_grad()
@@ -678,3 +678,44 @@ def test_an_estimator_failing_mid_run_leaves_training_alone(monkeypatch):
     unprobed, _ = train(False)
     for a, b in zip(model.state_dict().values(), unprobed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_no_hvp_method_working_and_fd_failing_are_each_said_once(monkeypatch):
+    import smoothprof.probe as probe_module
+    from smoothprof.probe import ProbeEstimatorWarning
+
+    def raises(*args, **kwargs):
+        raise ValueError("no kernel")
+
+    monkeypatch.setattr(ProbeObjective, "hvp_with", raises)
+    monkeypatch.setattr(probe_module, "finite_difference_smoothness", raises)
+    _, model, loss_fn, batches = small_models()[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = Probe(model, loss_fn, batches, every=1)
+    with pytest.warns(ProbeEstimatorWarning) as caught:
+        for step in range(3):
+            with probe.around_step(step):
+                optimizer.zero_grad()
+                loss_fn(model, batches[0]).backward()
+                optimizer.step()
+    assert [str(w.message) for w in caught] == [
+        "hvp and curvature failed at step 0 (ValueError: no kernel); the run goes on without them",
+        "fd failed at step 0 (ValueError: no kernel); the run goes on without it",
+    ]
+    assert sorted(probe.failed) == ["curvature", "fd", "hvp"]
+    for record in probe.records:
+        assert math.isfinite(record.grad_norm) and record.hvp_count == 0
+        assert all(math.isnan(v) for v in (record.hessian_norm, record.grad_curvature))
+        assert math.isnan(record.smoothness_fd)
+    # The updates were the optimizer's alone: the failed fd estimator put x_{t+1} back.
+    probed = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    unprobed = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        unprobed.zero_grad()
+        loss_fn(model, batches[0]).backward()
+        unprobed.step()
+    assert all(torch.equal(a, p) for a, p in zip(probed, model.parameters()))
