@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,6 +40,11 @@ ESTIMATORS = ("fd", "hvp", "curvature")
 MODES = ("train", "eval")
 
 
+class ProbeEstimatorWarning(UserWarning):
+    """An estimator failed during a probe: it is left out of this probe and of every later one
+    (NaN in its columns), and the run goes on. Warned once per failure."""
+
+
 @dataclass(frozen=True)
 class HessianNorm:
     """The spectral norm of the Hessian of f at the model's parameters.
@@ -46,7 +52,9 @@ class HessianNorm:
     ``value`` = |eigenvalue| >= 0; ``eigenvalue`` is the signed eigenvalue of largest magnitude;
     ``eigenvector`` is its unit eigenvector as one flat tensor over the trainable parameters in
     ``model.parameters()`` order; ``converged`` is true when the residual certifies the relative
-    error below ``rtol`` within the HVP budget.
+    error below ``rtol`` within the HVP budget. With finite-difference HVPs the residual is that
+    of the finite-difference operator: the certificate holds up to its error (see
+    ``objective.FINITE_DIFFERENCE_HVP_RTOL``).
     """
 
     value: float
@@ -294,6 +302,11 @@ class Probe:
     ``retain_graphs`` allows the "retained" method to keep every probe batch's graph at once
     (default: only for a single batch).
 
+    An estimator that raises (after every HVP method ``hvp_method`` allows has been tried) is
+    recorded as NaN, left out of later probes, and reported once as a ``ProbeEstimatorWarning``
+    ("hvp failed at step 30 (RuntimeError: ...); the run goes on without it"); ``failed`` maps
+    each failed estimator to that message. The training is never affected.
+
     In a data-parallel loop, give every rank the same ``batches`` (the global probe batches) and
     the ``DistributedDataParallel`` model (or the plain module with ``distributed=True`` and,
     optionally, a ``process_group``): each rank evaluates the batches i with
@@ -362,6 +375,7 @@ class Probe:
         self._started: float | None = None
         self._eigenvector: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None
+        self.failed: dict[str, str] = {}
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -420,15 +434,21 @@ class Probe:
         parameters = self.parameters
         device = parameters[0].device
         eig: HessianNorm | None = None
+        curvature = math.nan
         with unchanged_model_state(self.model, device), double_backward_backends(device):
             _set_mode(self.model, self.mode)
             objective = self._objective()
-            want_hvp = "hvp" in self.estimators
-            want_curvature = "curvature" in self.estimators
+            want_hvp = self._wants("hvp")
+            want_curvature = self._wants("curvature")
             loss, gradient, spread = objective.gradient(create_graph=want_hvp or want_curvature)
             gradient_norm = torch.linalg.vector_norm(gradient)
             if (want_hvp or want_curvature) and self.hvp_method == "auto":
-                self.hvp_method = self._choose_hvp_method(objective, gradient)
+                try:
+                    self.hvp_method = self._choose_hvp_method(objective, gradient)
+                except Exception as error:
+                    wanted = [name for name in ("hvp", "curvature") if self._wants(name)]
+                    self._estimators_failed(wanted, step, error)
+                    want_hvp = want_curvature = False
                 objective.hvp_method = self.hvp_method
             hvps_taken = 0
 
@@ -438,23 +458,32 @@ class Probe:
                 if self.on_hvp is not None:
                     self.on_hvp(step, hvps_taken)
 
-            curvature = math.nan
             if want_curvature and gradient_norm > 0:
                 unit = gradient / gradient_norm
-                curvature = float(torch.dot(unit, objective.hvp_with(objective.hvp_method, unit)))
-                hvp_taken()
+                try:
+                    product = objective.hvp_with(objective.hvp_method, unit)
+                except Exception as error:
+                    self._estimators_failed(["curvature"], step, error)
+                else:
+                    curvature = float(torch.dot(unit, product))
+                    hvp_taken()
             if want_hvp:
-                eig = _top_eigenpair(
-                    objective,
-                    self._eigenvector,
-                    rtol=self.rtol,
-                    max_hvps=self.max_hvps,
-                    seed=self.seed + step + 1,
-                    on_hvp=hvp_taken if self.on_hvp is not None else None,
-                )
-                objective.release()
-                if math.isfinite(eig.eigenvalue):
-                    self._eigenvector = eig.eigenvector
+                try:
+                    eig = _top_eigenpair(
+                        objective,
+                        self._eigenvector,
+                        rtol=self.rtol,
+                        max_hvps=self.max_hvps,
+                        seed=self.seed + step + 1,
+                        on_hvp=hvp_taken if self.on_hvp is not None else None,
+                    )
+                except Exception as error:
+                    self._estimators_failed(["hvp"], step, error)
+                else:
+                    if math.isfinite(eig.eigenvalue):
+                        self._eigenvector = eig.eigenvector
+                finally:
+                    objective.release()
         self._pending = {
             "step": step,
             "loss": loss,
@@ -463,10 +492,26 @@ class Probe:
             "grad_curvature": curvature,
             "eig": eig,
             "point": flatten([p.detach() for p in parameters]).clone()
-            if "fd" in self.estimators
+            if self._wants("fd")
             else None,
             "seconds": time.perf_counter() - started,
         }
+
+    def _wants(self, estimator: str) -> bool:
+        """Whether this probe runs ``estimator``: asked for, and not failed at an earlier probe."""
+        return estimator in self.estimators and estimator not in self.failed
+
+    def _estimators_failed(self, estimators: Sequence[str], step: int, error: Exception) -> None:
+        """Leave ``estimators`` out from now on and say so once, in one line."""
+        if not estimators:
+            return
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        cause = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        names, them = " and ".join(estimators), "them" if len(estimators) > 1 else "it"
+        message = f"{names} failed at step {step} ({cause}); the run goes on without {them}"
+        for name in estimators:
+            self.failed[name] = message
+        warnings.warn(message, ProbeEstimatorWarning, stacklevel=3)
 
     def _choose_hvp_method(self, objective: ProbeObjective, gradient: torch.Tensor) -> str:
         """The first of ``HVP_METHODS`` that works on this objective, in their order: the retained
@@ -493,7 +538,10 @@ class Probe:
         started = time.perf_counter()
         smoothness_fd = math.nan
         if pending["point"] is not None and update_made:
-            smoothness_fd = self._finite_difference(pending["point"], pending["gradient"])
+            try:
+                smoothness_fd = self._finite_difference(pending["point"], pending["gradient"])
+            except Exception as error:  # the parameters are back at x_{t+1} (its finally)
+                self._estimators_failed(["fd"], pending["step"], error)
         eig: HessianNorm | None = pending["eig"]
         record = ProbeRecord(
             step=pending["step"],
