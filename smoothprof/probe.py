@@ -35,7 +35,7 @@ from .objective import (
 )
 from .preconditioner import adam_inverse_sqrt_preconditioner, is_adam, optimizer_stability
 from .schedule import BUDGET_FLOOR, Schedule, as_schedule, every_k_steps
-from .stability import kind_code, stability_threshold
+from .stability import kind_code
 
 ESTIMATORS = ("fd", "hvp", "curvature")
 MODES = ("train", "eval")

@@ -4,11 +4,10 @@ On a quadratic with curvature lambda, gradient descent with step size lr diverge
 lambda > 2 / lr; neural networks trained at a fixed lr drive their sharpness up to that threshold
 and hover there (Cohen et al. 2021). The threshold depends on the optimizer:
 
-| optimizer | sharpness | threshold | source |
-|---|---|---|---|
-| SGD | top Hessian eigenvalue | 2 / lr | Cohen et al. (ICLR 2021) |
-| SGD, heavy-ball momentum beta | top Hessian eigenvalue | (2 + 2 beta) / lr | Cohen et al. (ICLR 2021) |
-| Adam / AdamW (beta1) | top eigenvalue of P^-1 H | (2 + 2 beta1) / ((1 - beta1) lr) | Cohen et al. (2022) |
+- SGD: the top Hessian eigenvalue against 2 / lr (Cohen et al., ICLR 2021);
+- SGD with heavy-ball momentum beta: the top Hessian eigenvalue against (2 + 2 beta) / lr (same);
+- Adam / AdamW: the top eigenvalue of P^-1 H against (2 + 2 beta1) / ((1 - beta1) lr) (Cohen et
+  al. 2022),
 
 with P = diag(sqrt(v_hat) + eps) from Adam's bias-corrected second moment: 38 / lr for
 beta1 = 0.9. Pure arithmetic on numbers a trajectory file holds (numpy only, no torch).
