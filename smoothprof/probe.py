@@ -74,9 +74,9 @@ class ProbeRecord:
     hvp_count: int
     hessian_converged: bool
     seconds: float
-    # The edge of stability (``stability.py``): with an Adam/AdamW optimizer, the signed
-    # eigenvalue of largest magnitude of P^-1/2 H P^-1/2 (NaN otherwise, and before Adam's first
-    # update); the threshold of the optimizer at this step and its kind (``stability.kind_code``).
+    # The edge of stability (``stability.py``): with an Adam/AdamW optimizer, the largest
+    # eigenvalue of P^-1/2 H P^-1/2 (NaN otherwise, and before Adam's first update); the
+    # threshold of the optimizer at this step and its kind (``stability.kind_code``).
     preconditioned_sharpness: float = math.nan
     preconditioned_hvp_count: int = 0
     preconditioned_converged: bool = False
@@ -329,7 +329,7 @@ class Probe:
     ``optimizer`` (optional, read only) is the optimizer of the loop. With it, each record holds
     the optimizer's stability threshold at that step (``stability.py``); and when it is
     ``torch.optim.Adam`` or ``AdamW``, the "hvp" estimator also measures the preconditioned
-    sharpness, the top eigenvalue of P^-1 H with Adam's P = sqrt(v_hat) + eps from the state of
+    sharpness, the largest eigenvalue of P^-1 H with Adam's P = sqrt(v_hat) + eps from the state of
     its last update (Lanczos on P^-1/2 H P^-1/2, warm started from the previous probe's
     eigenvector; NaN at a probe before Adam's first update).
     """
@@ -511,8 +511,14 @@ class Probe:
     def _preconditioned_sharpness(
         self, objective: ProbeObjective, step: int, on_hvp: Callable[[], None] | None
     ) -> HessianNorm | None:
-        """The top eigenpair of P^-1/2 H P^-1/2 with Adam's P (see ``preconditioner``); None
-        when the optimizer is not Adam/AdamW or has made no update yet."""
+        """The largest (algebraic) eigenvalue of P^-1/2 H P^-1/2 with Adam's P (see
+        ``preconditioner``) and its eigenvector; None when the optimizer is not Adam/AdamW or
+        has made no update yet.
+
+        Lanczos finds the eigenvalue of largest magnitude; when that one is negative, a second
+        run on the operator shifted by its magnitude (all eigenvalues then >= 0) finds the
+        largest, which bounds Adam's stability; ``num_hvps`` counts both runs and ``converged``
+        certifies the shifted run's relative error."""
         if not is_adam(self.optimizer):
             return None
         scale = adam_inverse_sqrt_preconditioner(self.optimizer, objective.parameters)
@@ -528,16 +534,25 @@ class Probe:
         start = self._preconditioned_vector
         if start is None:
             start = _random_start(objective.parameters, self.seed + step + 1)
-        eig = lanczos_top_eigenpair(
-            matvec, start.to(scale), rtol=self.rtol, max_matvecs=self.max_hvps
-        )
-        if math.isfinite(eig.eigenvalue):
+        start = start.to(scale)
+        eig = lanczos_top_eigenpair(matvec, start, rtol=self.rtol, max_matvecs=self.max_hvps)
+        eigenvalue, num_hvps = eig.eigenvalue, eig.num_matvecs
+        if math.isfinite(eigenvalue) and eigenvalue < 0:
+            shift = -eigenvalue
+            eig = lanczos_top_eigenpair(
+                lambda vector: matvec(vector).add_(vector, alpha=shift),
+                start,
+                rtol=self.rtol,
+                max_matvecs=self.max_hvps,
+            )
+            eigenvalue, num_hvps = eig.eigenvalue - shift, num_hvps + eig.num_matvecs
+        if math.isfinite(eigenvalue):
             self._preconditioned_vector = eig.eigenvector.detach()
         return HessianNorm(
-            value=eig.value,
-            eigenvalue=eig.eigenvalue,
+            value=abs(eigenvalue),
+            eigenvalue=eigenvalue,
             eigenvector=eig.eigenvector.detach(),
-            num_hvps=eig.num_matvecs,
+            num_hvps=num_hvps,
             converged=eig.converged,
             residual=eig.residual,
         )

@@ -60,7 +60,7 @@ RULES = {
     ),
     "adam": StabilityRule(
         "adam",
-        "top eigenvalue of P^-1 H, P = sqrt(v_hat) + eps (preconditioned sharpness)",
+        "top eigenvalue of P^-1 H, Adam's P = sqrt(v_hat) + eps",
         "(2 + 2 beta1) / ((1 - beta1) lr)",
         "Cohen et al. (2022), Adaptive gradient methods at the edge of stability",
     ),
@@ -91,7 +91,8 @@ class EdgeOfStability:
     """A run's sharpness against its optimizer's stability threshold, at its probes.
 
     ``sharpness`` is the column ``column`` (``hessian_norm`` for SGD, ``preconditioned_sharpness``
-    for Adam); ``threshold`` the threshold at each probe's step. ``late_ratio`` is the median of
+    for Adam); ``threshold`` the threshold at each probe's step, ``late_threshold`` its median
+    over the late probes. ``late_ratio`` is the median of
     sharpness / threshold over the last ``LATE_SHARE`` of the probes with both finite (near 1: the
     run trains at the edge of stability; well below 1: stable; above 1: beyond it); ``late_steps``
     the first and last step it covers.
@@ -104,6 +105,7 @@ class EdgeOfStability:
     threshold: np.ndarray
     late_ratio: float
     late_steps: tuple[int, int] | None
+    late_threshold: float = math.nan
 
     @property
     def rule(self) -> StabilityRule:
@@ -145,8 +147,10 @@ def edge_of_stability(
     sharpness = np.asarray(probes[column], dtype=np.float64)
     if not np.isfinite(sharpness).any():
         return None
-    ratio, late_steps = _late_ratio(steps, sharpness, threshold)
-    return EdgeOfStability(kind, column, steps, sharpness, threshold, ratio, late_steps)
+    ratio, late_steps, late_threshold = _late_ratio(steps, sharpness, threshold)
+    return EdgeOfStability(
+        kind, column, steps, sharpness, threshold, ratio, late_steps, late_threshold
+    )
 
 
 def _kind_from_columns(probes: dict[str, np.ndarray], config: dict) -> str | None:
@@ -186,13 +190,14 @@ def _threshold_column(
 
 def _late_ratio(
     steps: np.ndarray, sharpness: np.ndarray, threshold: np.ndarray
-) -> tuple[float, tuple[int, int] | None]:
+) -> tuple[float, tuple[int, int] | None, float]:
     both = np.isfinite(sharpness) & np.isfinite(threshold) & (threshold > 0)
     if not both.any():
-        return math.nan, None
+        return math.nan, None, math.nan
     kept_steps = steps[both]
     ratios = sharpness[both] / threshold[both]
     count = max(1, math.ceil(LATE_SHARE * len(ratios)))
     order = np.argsort(kept_steps, kind="stable")[-count:]
     late = kept_steps[order]
-    return float(np.median(ratios[order])), (int(late.min()), int(late.max()))
+    late_threshold = float(np.median(threshold[both][order]))
+    return float(np.median(ratios[order])), (int(late.min()), int(late.max())), late_threshold

@@ -1,7 +1,9 @@
 """The edge of stability: Adam's preconditioned sharpness against a dense float64 reference, the
 stability thresholds, and what fit and plot make of them."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ ADAMS = [
 
 
 def dense_preconditioned_sharpness(model, loss_fn, batches, optimizer):
-    """The signed eigenvalue of largest magnitude of P^-1/2 H P^-1/2, from the dense Hessian and
+    """The largest eigenvalue of P^-1/2 H P^-1/2, from the dense Hessian and
     P computed here from the optimizer's state (independently of smoothprof's preconditioner)."""
     hessian = dense_hessian(model, loss_fn, batches)
     group = optimizer.param_groups[0]
@@ -37,7 +39,8 @@ def dense_preconditioned_sharpness(model, loss_fn, batches, optimizer):
         v_hat = second / (1 - beta2 ** float(state["step"]))
         diagonal.append((v_hat.sqrt() + eps).reshape(-1))
     inverse_sqrt = torch.cat(diagonal).rsqrt()
-    return top_eigenvalue(inverse_sqrt[:, None] * hessian * inverse_sqrt[None, :])
+    matrix = inverse_sqrt[:, None] * hessian * inverse_sqrt[None, :]
+    return float(torch.linalg.eigvalsh(matrix)[-1]), top_eigenvalue(matrix)
 
 
 @pytest.mark.parametrize("optimizer_type, options", ADAMS, ids=["adam", "adamw-amsgrad"])
@@ -47,10 +50,14 @@ def test_preconditioned_sharpness_matches_dense_reference(optimizer_type, option
     probe = Probe(model, loss_fn, batches, every=1, estimators=("hvp",), rtol=1e-10,
                   max_hvps=500, optimizer=optimizer)  # fmt: skip
     beta1 = options.get("betas", (0.9, 0.999))[0]
-    for step in range(5):
-        expected = (
-            dense_preconditioned_sharpness(model, loss_fn, batches, optimizer) if step else None
+    negative_dominates = []
+    for step in range(8):
+        expected, largest_magnitude = (
+            dense_preconditioned_sharpness(model, loss_fn, batches, optimizer)
+            if step
+            else (None, None)
         )
+        negative_dominates.append(largest_magnitude is not None and largest_magnitude < 0)
         probe.before_step(step)
         optimizer.zero_grad()
         loss_fn(model, batches[step % len(batches)]).backward()
@@ -68,6 +75,8 @@ def test_preconditioned_sharpness_matches_dense_reference(optimizer_type, option
         assert record.preconditioned_sharpness == pytest.approx(expected, rel=1e-6)
         # P^-1 rescales H by orders of magnitude: not the Hessian's own eigenvalue.
         assert abs(record.preconditioned_sharpness) > 10 * record.hessian_norm
+    # The second, shifted solve was exercised: a negative eigenvalue had the largest magnitude.
+    assert any(negative_dominates)
 
 
 def test_probing_adam_is_invisible_to_training():
@@ -169,8 +178,37 @@ def test_edge_of_stability_of_an_sgd_file_without_the_columns():
     view = edge_of_stability(probes, train, {"optimizer": "sgd"})
     assert view.kind == "sgd" and view.column == "hessian_norm"
     assert view.threshold.tolist() == [4.0, 4.0, 8.0]
-    assert view.late_ratio == pytest.approx(3.0 / 8.0)
+    assert view.late_ratio == pytest.approx(3.0 / 8.0) and view.late_threshold == 8.0
     # Adam without the preconditioned column: its threshold does not bound H; no view.
     assert edge_of_stability(probes, train, {"optimizer": "adam"}) is None
     assert edge_of_stability(probes, {}, {"optimizer": "sgd"}) is None
     assert set(KINDS) == {"sgd", "momentum", "adam"}
+
+
+@pytest.mark.usefixtures("clean_sys_path")
+def test_run_fit_and_plot_show_the_edge_of_stability(tmp_path):
+    from typer.testing import CliRunner
+
+    from smoothprof.cli import app
+    from smoothprof.trajectory import read_trajectory
+
+    runner = CliRunner()
+    out = tmp_path / "adam.h5"
+    model_file = Path(__file__).parent / "assets" / "good_minimal.py"
+    result = runner.invoke(app, ["run", str(model_file), "-o", str(out), "--steps", "30",
+                                 "--optimizer", "adam", "--lr", "0.05", "--probe-every", "3"])
+    assert result.exit_code == 0, result.output
+    probes = read_trajectory(out).probes
+    assert math.isnan(probes["preconditioned_sharpness"][0])
+    assert np.isfinite(probes["preconditioned_sharpness"][1:]).all()
+    assert (probes["preconditioned_hvp_count"][1:] > 0).all()
+    assert np.allclose(probes["stability_threshold"], 38 / 0.05)
+    data = json.loads(runner.invoke(app, ["fit", str(out), "--json"]).stdout)
+    [view] = data["edge_of_stability"]
+    assert view["optimizer"] == "adam" and view["sharpness"] == "preconditioned_sharpness"
+    assert view["late_ratio"] > 0 and "Cohen" in view["source"]
+    fit = runner.invoke(app, ["fit", str(out), "--width", "100", "--no-plot"])
+    assert "edge of stability" in fit.stdout and "Cohen et al. (2022)" in fit.stdout
+    plot = runner.invoke(app, ["plot", str(out), "--width", "80", "--ascii"])
+    assert "edge of stability (Adam; late probes at" in plot.stdout
+    assert "threshold (2 + 2 beta1) / ((1 - beta1) lr)" in plot.stdout
