@@ -35,7 +35,8 @@ LATE_SHARE = 0.25
 
 @dataclass(frozen=True)
 class StabilityRule:
-    """How an optimizer's threshold is computed, and where the formula comes from."""
+    """How an optimizer's threshold is computed, and where the formula comes from ([secondary]:
+    from a restatement of the paper, not yet checked against its text)."""
 
     kind: str
     sharpness: str  # the quantity the threshold bounds
@@ -49,20 +50,20 @@ RULES = {
         "top Hessian eigenvalue",
         "2 / lr",
         "Cohen, Kaur, Li, Kolter, Talwalkar (ICLR 2021), Gradient descent on neural networks "
-        "typically occurs at the edge of stability",
+        "typically occurs at the edge of stability [secondary]",
     ),
     "momentum": StabilityRule(
         "momentum",
         "top Hessian eigenvalue",
         "(2 + 2 momentum) / lr",
         "Cohen, Kaur, Li, Kolter, Talwalkar (ICLR 2021), Gradient descent on neural networks "
-        "typically occurs at the edge of stability",
+        "typically occurs at the edge of stability [secondary]",
     ),
     "adam": StabilityRule(
         "adam",
         "top eigenvalue of P^-1 H, Adam's P = sqrt(v_hat) + eps",
         "(2 + 2 beta1) / ((1 - beta1) lr)",
-        "Cohen et al. (2022), Adaptive gradient methods at the edge of stability",
+        "Cohen et al. (2022), Adaptive gradient methods at the edge of stability [secondary]",
     ),
 }
 
