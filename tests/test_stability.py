@@ -212,3 +212,13 @@ def test_run_fit_and_plot_show_the_edge_of_stability(tmp_path):
     plot = runner.invoke(app, ["plot", str(out), "--width", "80", "--ascii"])
     assert "edge of stability (Adam; late probes at" in plot.stdout
     assert "threshold (2 + 2 beta1) / ((1 - beta1) lr)" in plot.stdout
+    # The HTML report's series figure has the same panel.
+    pytest.importorskip("matplotlib")
+    from smoothprof.report import series_figure
+
+    figure = series_figure(read_trajectory(out))
+    [axes] = [a for a in figure.axes if a.get_ylabel() == "sharpness / edge of stability"]
+    assert [line.get_label() for line in axes.get_lines()] == [
+        "top eig. of P^-1 H (Adam's P)",
+        "threshold (2 + 2 beta1) / ((1 - beta1) lr)",
+    ]
