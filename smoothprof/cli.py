@@ -40,6 +40,7 @@ from .display import (
     ESTIMATOR_LABELS,
     compare_plot,
     compare_table,
+    edge_of_stability_table,
     envelope_plot,
     fit_summary,
     format_number,
@@ -662,7 +663,7 @@ def _schedule_text(config: RunConfig) -> str:
 def _probe_work(prepared: PreparedRun, probes: list[Any]) -> Any:
     config = prepared.config
     return probe_work(
-        [r.hvp_count for r in probes],
+        [r.hvp_count + r.preconditioned_hvp_count for r in probes],  # both solvers' HVPs
         num_batches=len(prepared.probe_batches),
         estimators=config.estimators,
         num_fd_points=len(config.fd_points),
@@ -981,6 +982,8 @@ def fit(
             smoothness_label=ESTIMATOR_LABELS[analysis.estimator],
         )
         parts.append(Text.from_ansi(figure) if color else Text(figure))
+    if analysis.edge_of_stability:
+        parts.append(edge_of_stability_table(analysis.edge_of_stability, ascii_only=ascii_only))
     commands = profile_sweep_commands(analysis.trajectories, recs)
     parts.append(recommendations_view(recs, ascii_only=ascii_only, commands=commands))
     _emit(out_width, ascii_only, *parts)

@@ -34,9 +34,13 @@ from .objective import (
     trainable_parameters,
     unflatten,
 )
+from .preconditioner import adam_inverse_sqrt_preconditioner, is_adam, optimizer_stability
 from .schedule import BUDGET_FLOOR, Schedule, as_schedule, every_k_steps
+from .stability import kind_code
 
 ESTIMATORS = ("fd", "hvp", "curvature")
+PRECONDITIONED = "preconditioned sharpness"
+"""Measured with "hvp" when the optimizer is Adam or AdamW; it can fail on its own."""
 MODES = ("train", "eval")
 
 
@@ -80,6 +84,14 @@ class ProbeRecord:
     hvp_count: int
     hessian_converged: bool
     seconds: float
+    # The edge of stability (``stability.py``): with an Adam/AdamW optimizer, the largest
+    # eigenvalue of P^-1/2 H P^-1/2 (NaN otherwise, and before Adam's first update); the
+    # threshold of the optimizer at this step and its kind (``stability.kind_code``).
+    preconditioned_sharpness: float = math.nan
+    preconditioned_hvp_count: int = 0
+    preconditioned_converged: bool = False
+    stability_threshold: float = math.nan
+    stability_kind: int = -1
 
     def as_row(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -268,6 +280,19 @@ def fastest_hvp_method(
     return min(timings, key=timings.__getitem__), timings
 
 
+def _stability_fields(
+    preconditioned: HessianNorm | None, kind: int, threshold: float
+) -> dict[str, Any]:
+    """The edge-of-stability fields of a ``ProbeRecord``."""
+    return {
+        "preconditioned_sharpness": preconditioned.eigenvalue if preconditioned else math.nan,
+        "preconditioned_hvp_count": preconditioned.num_hvps if preconditioned else 0,
+        "preconditioned_converged": preconditioned.converged if preconditioned else False,
+        "stability_threshold": threshold,
+        "stability_kind": kind,
+    }
+
+
 class Probe:
     """Measures smoothness at scheduled steps of a training loop it does not disturb.
 
@@ -315,6 +340,13 @@ class Probe:
     evaluates the module inside the wrapper, so DDP's hooks and buffer broadcasts do not run.
     Call it on every rank at the same steps; decisions that depend on a clock (the overhead cap,
     timing HVP methods) are rank 0's. ``on_record`` is called on every rank; write on one.
+
+    ``optimizer`` (optional, read only) is the optimizer of the loop. With it, each record holds
+    the optimizer's stability threshold at that step (``stability.py``); and when it is
+    ``torch.optim.Adam`` or ``AdamW``, the "hvp" estimator also measures the preconditioned
+    sharpness, the largest eigenvalue of P^-1 H with Adam's P = sqrt(v_hat) + eps from the state of
+    its last update (Lanczos on P^-1/2 H P^-1/2, warm started from the previous probe's
+    eigenvector; NaN at a probe before Adam's first update).
     """
 
     def __init__(
@@ -339,6 +371,7 @@ class Probe:
         on_hvp: Callable[[int, int], None] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         unknown = sorted(set(estimators) - set(ESTIMATORS))
         if unknown:
@@ -374,6 +407,8 @@ class Probe:
         self.probe_seconds = 0.0
         self._started: float | None = None
         self._eigenvector: torch.Tensor | None = None
+        self.optimizer = optimizer
+        self._preconditioned_vector: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None
         self.failed: dict[str, str] = {}
 
@@ -435,6 +470,7 @@ class Probe:
         device = parameters[0].device
         eig: HessianNorm | None = None
         curvature = math.nan
+        preconditioned: HessianNorm | None = None
         with unchanged_model_state(self.model, device), double_backward_backends(device):
             _set_mode(self.model, self.mode)
             objective = self._objective()
@@ -482,8 +518,16 @@ class Probe:
                 else:
                     if math.isfinite(eig.eigenvalue):
                         self._eigenvector = eig.eigenvector
+                    if PRECONDITIONED not in self.failed:
+                        try:
+                            preconditioned = self._preconditioned_sharpness(
+                                objective, step, hvp_taken if self.on_hvp is not None else None
+                            )
+                        except Exception as error:
+                            self._estimators_failed([PRECONDITIONED], step, error)
                 finally:
                     objective.release()
+        stability_kind, threshold = optimizer_stability(self.optimizer)
         self._pending = {
             "step": step,
             "loss": loss,
@@ -491,6 +535,8 @@ class Probe:
             "grad_noise": float(spread),
             "grad_curvature": curvature,
             "eig": eig,
+            "preconditioned": preconditioned,
+            "stability": (kind_code(stability_kind), threshold),
             "point": flatten([p.detach() for p in parameters]).clone()
             if self._wants("fd")
             else None,
@@ -512,6 +558,55 @@ class Probe:
         for name in estimators:
             self.failed[name] = message
         warnings.warn(message, ProbeEstimatorWarning, stacklevel=3)
+
+    def _preconditioned_sharpness(
+        self, objective: ProbeObjective, step: int, on_hvp: Callable[[], None] | None
+    ) -> HessianNorm | None:
+        """The largest (algebraic) eigenvalue of P^-1/2 H P^-1/2 with Adam's P (see
+        ``preconditioner``) and its eigenvector; None when the optimizer is not Adam/AdamW or
+        has made no update yet.
+
+        Lanczos finds the eigenvalue of largest magnitude; when that one is negative, a second
+        run on the operator shifted by its magnitude (all eigenvalues then >= 0) finds the
+        largest, which bounds Adam's stability; ``num_hvps`` counts both runs and ``converged``
+        certifies the shifted run's relative error."""
+        if not is_adam(self.optimizer):
+            return None
+        scale = adam_inverse_sqrt_preconditioner(self.optimizer, objective.parameters)
+        if scale is None:
+            return None
+
+        def matvec(vector: torch.Tensor) -> torch.Tensor:
+            product = scale * objective.hvp(scale * vector)
+            if on_hvp is not None:
+                on_hvp()
+            return product
+
+        start = self._preconditioned_vector
+        if start is None:
+            start = _random_start(objective.parameters, self.seed + step + 1)
+        start = start.to(scale)
+        eig = lanczos_top_eigenpair(matvec, start, rtol=self.rtol, max_matvecs=self.max_hvps)
+        eigenvalue, num_hvps = eig.eigenvalue, eig.num_matvecs
+        if math.isfinite(eigenvalue) and eigenvalue < 0:
+            shift = -eigenvalue
+            eig = lanczos_top_eigenpair(
+                lambda vector: matvec(vector).add_(vector, alpha=shift),
+                start,
+                rtol=self.rtol,
+                max_matvecs=self.max_hvps,
+            )
+            eigenvalue, num_hvps = eig.eigenvalue - shift, num_hvps + eig.num_matvecs
+        if math.isfinite(eigenvalue):
+            self._preconditioned_vector = eig.eigenvector.detach()
+        return HessianNorm(
+            value=abs(eigenvalue),
+            eigenvalue=eigenvalue,
+            eigenvector=eig.eigenvector.detach(),
+            num_hvps=num_hvps,
+            converged=eig.converged,
+            residual=eig.residual,
+        )
 
     def _choose_hvp_method(self, objective: ProbeObjective, gradient: torch.Tensor) -> str:
         """The first of ``HVP_METHODS`` that works on this objective, in their order: the retained
@@ -555,6 +650,7 @@ class Probe:
             hvp_count=eig.num_hvps if eig else 0,
             hessian_converged=eig.converged if eig else False,
             seconds=pending["seconds"] + time.perf_counter() - started,
+            **_stability_fields(pending["preconditioned"], *pending["stability"]),
         )
         self.probe_seconds += record.seconds
         self.records.append(record)

@@ -438,6 +438,7 @@ def train(
         on_hvp=on_probe_hvp,
         distributed=run.comm is not None,
         process_group=None if run.comm is None else run.comm.group,
+        optimizer=run.optimizer,
     )
     started = time.perf_counter()
     batches = _cycle(model_file, run.loader)
