@@ -55,10 +55,14 @@ class HessianNorm:
 
     ``value`` = |eigenvalue| >= 0; ``eigenvalue`` is the signed eigenvalue of largest magnitude;
     ``eigenvector`` is its unit eigenvector as one flat tensor over the trainable parameters in
-    ``model.parameters()`` order; ``converged`` is true when the residual certifies the relative
-    error below ``rtol`` within the HVP budget. With finite-difference HVPs the residual is that
-    of the finite-difference operator: the certificate holds up to its error (see
-    ``objective.FINITE_DIFFERENCE_HVP_RTOL``).
+    ``model.parameters()`` order; ``residual`` is ||H u - eigenvalue u|| for that eigenvector
+    u: some eigenvalue lies within it, not necessarily the largest. ``converged`` (within the
+    HVP budget) means that ``value`` is within ``rtol`` (relative) of the largest |eigenvalue|,
+    unless that eigenvalue's eigenvector has |cos| <= 0.1 with the vector the solver found at
+    its end of the spectrum: the solver cannot find an eigenvector its start vector (nearly)
+    lacks (``smoothprof.estimators.EigenResult``).
+    With finite-difference HVPs the residual is that of the finite-difference operator: the
+    certificate holds up to its error (see ``objective.FINITE_DIFFERENCE_HVP_RTOL``).
     """
 
     value: float
@@ -145,12 +149,14 @@ def hessian_norm(
 ) -> HessianNorm:
     """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over batches.
 
-    Lanczos with full reorthogonalization on Hessian-vector products, stopped by a residual test
-    that certifies a relative error below ``rtol``; ``converged`` is false when ``max_hvps``
-    products did not suffice. The Hessian is taken in the model's own dtype and device, in its
-    current train/eval mode unless ``mode`` ("train" or "eval") is given; ``start`` (flat) warm
-    starts the solver, e.g. with a previous result's ``eigenvector``. Dropout draws one fixed mask
-    per batch (seeded by ``seed``). The model and the global RNG states are left as they were.
+    Lanczos with full reorthogonalization on Hessian-vector products. ``converged``: the value
+    is within ``rtol`` (relative) of the largest |eigenvalue|, unless the start vector (nearly)
+    lacked its eigenvector, which no solver on Hessian-vector products can see (the exact
+    guarantee: see ``HessianNorm``); false when ``max_hvps`` products did not suffice to show
+    it. The Hessian is taken in the model's own dtype and device, in its current train/eval mode
+    unless ``mode`` ("train" or "eval") is given; ``start`` (flat) warm starts the solver, e.g.
+    with a previous result's ``eigenvector``. Dropout draws one fixed mask per batch (seeded by
+    ``seed``). The model and the global RNG states are left as they were.
     In a data-parallel run (a ``DistributedDataParallel`` model, or ``distributed=True``) call it
     on every rank with the same ``batches``: see ``Probe`` for how they are shared.
 
