@@ -29,6 +29,7 @@ from .errors import ModelFileError
 from .wording import plural
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_MODULE_PREFIX = "smoothprof_model_"  # a model file's module: the prefix and a hash of its path
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -105,10 +106,13 @@ def _own_loss(output: Any) -> torch.Tensor | None:
 
 
 def _describe_output(output: Any) -> str:
-    """What a model returned, named by its type's qualified name (``transformers...Output``)."""
+    """What a model returned, named by its type: with its module (``transformers...Output``)
+    unless the model file defines it."""
     kind = type(output)
     if isinstance(output, torch.Tensor) or kind.__module__ == "builtins":
         return _describe(output)
+    if kind.__module__.startswith(_MODULE_PREFIX):
+        return f"a {kind.__qualname__}"
     return f"a {kind.__module__}.{kind.__qualname__}"
 
 
@@ -208,7 +212,7 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise ModelFileError(f"{path}: line {error.lineno}: syntax error: {error.msg}") from None
     except ValueError as error:
         raise ModelFileError(f"{path}: not Python source: {error}") from None
-    module_name = f"smoothprof_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    module_name = f"{_MODULE_PREFIX}{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
