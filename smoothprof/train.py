@@ -279,9 +279,7 @@ def file_optimizer_conflicts(model_file: ModelFile, given: Mapping[str, Any]) ->
     decides instead (``--optimizer``, ``--lr``); None when there is none."""
     if model_file.make_optimizer is None:
         return None
-    flags = [
-        "--" + name for name in FILE_OPTIMIZER_OPTIONS if given.get(name) is not None
-    ]
+    flags = ["--" + name for name in FILE_OPTIMIZER_OPTIONS if given.get(name) is not None]
     if not flags:
         return None
     verb = "does" if len(flags) == 1 else "do"
