@@ -303,6 +303,11 @@ def recommend(
             "are uncertain."
         )
 
+    if measured is None and not profile.sgd_family:
+        warnings.append(
+            f"the profiling run trained with {profile.optimizer}: the headline is a step size "
+            f"of plain (S)GD for the measured smoothness, not an lr for {profile.optimizer}."
+        )
     return Recommendations(
         headline=headline,
         rules=tuple(rules),

@@ -4,11 +4,12 @@ The probe stays invisible under each of them (bit-identical training on the CPU 
 probes), and the trajectory's config says how the run trained."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS
+from conftest import ASSETS, REPO
 from typer.testing import CliRunner
 
 from smoothprof.cli import app
@@ -282,3 +283,59 @@ def test_bad_amp_and_accumulate_are_usage_errors(tmp_path):
         assert result.exit_code == 2, result.output
     with pytest.raises(ValueError, match="amp must be one of bf16, fp16"):
         RunConfig(amp="fp8").validate()
+
+
+def test_the_readme_model_file_runs_and_fits(tmp_path, monkeypatch):
+    """README's "Your own optimizer and schedule", as written, through `run` and `fit`."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Your own optimizer and schedule", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+    (tmp_path / "adamw_cosine.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    runner, env = CliRunner(), {"COLUMNS": "100"}
+    run = runner.invoke(app, ["run", "adamw_cosine.py", "--num-probes", "12"], env=env)
+    assert run.exit_code == 0, run.output
+    assert "300 steps of AdamW (model file) at lr 0.003 with LambdaLR" in run.stderr
+    trajectory = read_trajectory(tmp_path / "adamw_cosine.h5")
+    lr = trajectory.train["lr"]
+    assert lr[0] == pytest.approx(1e-4) and lr[29] == pytest.approx(3e-3)
+    assert lr[-1] < 1e-6 and np.all(np.diff(lr[29:]) <= 0)  # warmup, then the cosine decays
+    assert trajectory.config["optimizer"] == "adamw" and trajectory.config["lr"] == 0.003
+    assert trajectory.train["loss"][-20:].mean() < 0.5 * trajectory.train["loss"][:20].mean()
+    fit = runner.invoke(app, ["fit", "adamw_cosine.h5", "--bootstrap", "20"], env=env)
+    assert fit.exit_code == 0, fit.output
+    said = " ".join(fit.stdout.replace("│", " ").split())
+    assert "smoothprof run" not in said  # --lr does not reach the file's optimizer()
+    if "clip at c = L0/L1" in said:  # the measured headline: AdamW at its own lr
+        assert "adamw at its lr 0.003" in said and "keep your adamw optimizer" in said
+        assert "in the model file's optimizer() with --clip" in said
+        assert "torch.optim.SGD" not in said
+    else:  # L1 = 0 here: the fixed step 1/L_max, which is said to be SGD's, not AdamW's
+        assert "trained with adamw: the headline is a step size of plain (S)GD" in said
+    fit_json = runner.invoke(app, ["fit", "adamw_cosine.h5", "--json"], env=env)
+    assert fit_json.exit_code == 0, fit_json.output
+
+
+def test_the_headline_of_an_adamw_profile_keeps_adamw_and_its_lr():
+    from smoothprof.fit import fit_envelope
+    from smoothprof.recommend import ProfilingRun, pytorch_snippet, recommend
+
+    fit = fit_envelope([0.2, 0.5, 1.0, 2.0], [1.2, 1.5, 2.0, 3.0], num_bootstrap=0)
+    profile = ProfilingRun(lr=0.003, optimizer="adamw", optimizer_from_file=True)
+    recs = recommend(fit, profile=profile)
+    assert recs.headline.step_size == 0.003 and recs.own_optimizer == "adamw"
+    assert "adamw at its lr 0.003" in recs.explanation and "not an SGD step size" in (
+        recs.explanation
+    )
+    assert "in the model file's optimizer() with --clip" in recs.explanation
+    assert any("keeps its lr for adamw, not as an SGD step size" in w for w in recs.warnings)
+    snippet = pytorch_snippet(recs.headline, own_optimizer=recs.own_optimizer)
+    assert "torch.optim" not in snippet and "# keep your adamw optimizer" in snippet
+    assert "clip_grad_norm_(model.parameters(), max_norm=1" in snippet
+    flat = fit_envelope([0.2, 0.5, 1.0, 2.0], [2.0, 1.9, 2.0, 1.8], num_bootstrap=0)
+    unclipped = recommend(flat, profile=profile)
+    assert unclipped.own_optimizer is None  # L1 = 0: the fixed step, said to be SGD's
+    assert any("not an lr for adamw" in w for w in unclipped.warnings)
+    # An SGD profile's headline is unchanged: 5 times its lr, for SGD.
+    sgd = recommend(fit, profile=ProfilingRun(lr=0.1, optimizer="sgd"))
+    assert sgd.own_optimizer is None and sgd.headline.step_size == pytest.approx(0.5)
