@@ -238,18 +238,10 @@ def run(
         int | None, typer.Option(min=1, help="Optimizer steps [default: 500].")
     ] = None,
     lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Step size (learning rate) of --optimizer; a model file's optimizer() sets its "
-            "own [default: 0.1]."
-        ),
+        float | None, typer.Option(help="Step size (learning rate) [default: 0.1].")
     ] = None,
     optimizer: Annotated[
-        str | None,
-        typer.Option(
-            help=f"One of {', '.join(OPTIMIZERS)}, for a model file without optimizer() "
-            "[default: sgd]."
-        ),
+        str | None, typer.Option(help=f"One of {', '.join(OPTIMIZERS)} [default: sgd].")
     ] = None,
     clip: Annotated[
         float | None, typer.Option(help="Clip the gradient norm at this threshold [default: off].")
