@@ -339,3 +339,29 @@ def test_the_headline_of_an_adamw_profile_keeps_adamw_and_its_lr():
     # An SGD profile's headline is unchanged: 5 times its lr, for SGD.
     sgd = recommend(fit, profile=ProfilingRun(lr=0.1, optimizer="sgd"))
     assert sgd.own_optimizer is None and sgd.headline.step_size == pytest.approx(0.5)
+
+
+def test_accumulation_in_two_processes_averages_the_same_gradient(tmp_path):
+    """Under torchrun the ranks sync their gradients at each step's last batch only: 2 ranks x
+    2 batches of 8 make the same steps as 2 ranks x 1 batch of 16 over the same rows."""
+    from test_distributed import torchrun
+
+    template = ACCUMULATED.replace("48", "64")
+    finals = {}
+    for size, accumulate in ((8, "2"), (16, "1")):
+        (tmp_path / f"batch{size}.py").write_text(template.format(batch_size=size))
+        cwd = tmp_path / f"run{size}"
+        cwd.mkdir()
+        done = torchrun(
+            2, "-m", "smoothprof", "run", tmp_path / f"batch{size}.py", "-o", "traj.h5",
+            "--accumulate", accumulate, "--steps", "6", "--lr", "0.3", "--probe-every", "2",
+            "--device", "cpu", "--save-model", "final.pt", cwd=cwd,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        finals[size] = (read_trajectory(cwd / "traj.h5"), torch.load(cwd / "final.pt"))
+    (accumulated, accumulated_state), (whole, whole_state) = finals[8], finals[16]
+    assert accumulated.config["accumulate"] == 2 and accumulated.config["world_size"] == 2
+    for column in ("loss", "grad_norm"):
+        assert np.allclose(accumulated.train[column], whole.train[column], rtol=1e-5)
+    for name in whole_state:
+        assert torch.allclose(accumulated_state[name], whole_state[name], rtol=1e-5, atol=1e-6)
