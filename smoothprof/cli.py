@@ -465,7 +465,12 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
         f"{config.steps} steps of {_optimizer_text(prepared)}"
         + (f", clip {config.clip:g}" if config.clip else "")
-        + (f", {config.amp} autocast" if config.amp else "")
+        + (
+            f", {config.amp} autocast (the probe measures in "
+            f"{str(prepared.model_dtype).removeprefix('torch.')})"
+            if config.amp
+            else ""
+        )
         + (f", {config.accumulate} batches per step" if config.accumulate > 1 else "")
         + f", {_schedule_text(config)} on {plural(len(prepared.probe_batches), 'batch')}, "
         f"device {prepared.device}{processes}",

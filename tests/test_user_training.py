@@ -365,3 +365,26 @@ def test_accumulation_in_two_processes_averages_the_same_gradient(tmp_path):
         assert np.allclose(accumulated.train[column], whole.train[column], rtol=1e-5)
     for name in whole_state:
         assert torch.allclose(accumulated_state[name], whole_state[name], rtol=1e-5, atol=1e-6)
+
+
+PLATEAU = """
+import torch
+from good_minimal import dataloader, model  # noqa: F401
+
+def scheduler(optimizer):  # a metric-driven schedule: smoothprof passes the step's loss
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0,
+                                                      threshold=0.0)
+"""
+
+
+def test_reduce_lr_on_plateau_gets_the_steps_loss(tmp_path):
+    (tmp_path / "plateau.py").write_text(PLATEAU)
+    (tmp_path / "good_minimal.py").write_text((ASSETS / "good_minimal.py").read_text())
+    _, _, trajectory = run_file(tmp_path / "plateau.py", tmp_path / "p.h5", lr=2.0, steps=12)
+    # The lr halves after each step whose loss is no lower than every earlier step's.
+    expected, best = [2.0], math.inf
+    for loss in trajectory.train["loss"][:-1]:
+        expected.append(expected[-1] if loss < best else expected[-1] / 2)
+        best = min(best, loss)
+    assert trajectory.train["lr"].tolist() == expected
+    assert expected[-1] < 2.0  # the loss did not fall at every step: the schedule acted
