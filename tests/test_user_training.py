@@ -159,6 +159,9 @@ def dataloader():
 def loss(model, batch):  # a large loss: its fp16 gradient overflows at GradScaler's first scale
     x, y = batch
     return 100.0 * ((model(x) - y) ** 2).mean()
+
+def scheduler(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
 """
 
 
@@ -178,6 +181,22 @@ def test_fp16_steps_that_overflow_are_skipped_and_recorded(tmp_path):
     first_update = int(np.argmin(skipped))
     assert len(set(trajectory.probes["loss"][: first_update + 1])) == 1
     assert prepared.scaler.get_scale() < 65536.0
+    # Nor does it step the schedule: the lr falls after the steps that updated only.
+    lr = trajectory.train["lr"]
+    assert np.allclose(lr[1:], lr[:-1] * np.where(skipped[:-1], 1.0, 0.9), rtol=1e-12)
+
+
+def test_the_run_says_how_it_trains(tmp_path):
+    result = CliRunner().invoke(app, [
+        "run", str(ASSETS / "good_minimal.py"), "-o", str(tmp_path / "x.h5"), "--steps", "4",
+        "--amp", "bf16", "--accumulate", "2",
+    ], env={"COLUMNS": "100"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    header = " ".join(result.stderr.split())
+    said = "4 steps of sgd at lr 0.1, bf16 autocast (the probe measures in float32), 2 batches"
+    assert f"{said} per step" in header, header
+    config = read_trajectory(tmp_path / "x.h5").config
+    assert (config["amp"], config["accumulate"], config["probe_dtype"]) == ("bf16", 2, "float32")
 
 
 ACCUMULATED = """
