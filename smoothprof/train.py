@@ -423,10 +423,10 @@ class PreparedRun:
             data["optimizer"] = self.optimizer_name
             data["lr"] = self.initial_lr
             data["momentum"] = group.get("momentum")
-            data["optimizer_settings"] = {
+            data["optimizer_settings"] = {  # the lr is ``lr`` above: the schedule moves it
                 key: _json_value(value)
                 for key, value in group.items()
-                if key != "params" and _json_value(value) is not None
+                if key not in ("params", "lr", "initial_lr") and _json_value(value) is not None
             }
         data["probe_autocast"] = False
         data["probe_dtype"] = str(self.model_dtype).removeprefix("torch.")

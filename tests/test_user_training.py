@@ -72,6 +72,7 @@ def test_adamw_with_warmup_and_cosine_from_the_model_file(tmp_path):
     assert config["optimizer_source"] == "model file" and config["scheduler"] == "LambdaLR"
     assert config["optimizer_settings"]["betas"] == [0.9, 0.999]
     assert config["optimizer_settings"]["weight_decay"] == 0.05  # param group 0's
+    assert "lr" not in config["optimizer_settings"]  # the lr is the config's, before the schedule
     assert config["momentum"] is None
     # The finite difference is along the update AdamW made, at every probe.
     assert trajectory.num_probes == 4 and np.isfinite(trajectory.probes["smoothness_fd"]).all()
