@@ -45,7 +45,9 @@ _LAZY = {
     "HessianNorm": "probe",
     "Probe": "probe",
     "ProbeRecord": "probe",
-    "every_k_steps": "probe",
+    "every_k_steps": "schedule",
+    "log_spaced_steps": "schedule",
+    "spread_steps": "schedule",
     "hessian_norm": "probe",
     "Trajectory": "trajectory",
     "TrajectoryError": "trajectory",
@@ -80,11 +82,13 @@ __all__ = [
     "hessian_norm",
     "lanczos_top_eigenpair",
     "load_model_file",
+    "log_spaced_steps",
     "power_iteration_top_eigenpair",
     "pytorch_snippet",
     "read_trajectory",
     "recommend",
     "repair_trajectory",
+    "spread_steps",
 ]
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .fit import MIN_POINTS, EnvelopeFit, FitError, correlation_after_step, fit_envelope
 from .recommend import WEAK_CORRELATION, ProfilingRun, Recommendations, recommend
+from .stability import EdgeOfStability, edge_of_stability
 from .trajectory import Trajectory, read_trajectory
 
 ESTIMATOR_COLUMNS = {"hvp": "hessian_norm", "fd": "smoothness_fd"}
@@ -61,6 +62,17 @@ class Analysis:
     files: tuple[str, ...]
     trajectories: tuple[Trajectory, ...] = dataclasses.field(repr=False)
 
+    @property
+    def edge_of_stability(self) -> list[tuple[str, EdgeOfStability]]:
+        """(file, its sharpness against its optimizer's stability threshold) for each file whose
+        probes hold both (``stability.edge_of_stability``)."""
+        views = []
+        for name, trajectory in zip(self.files, self.trajectories):
+            view = edge_of_stability(trajectory.probes, trajectory.train, trajectory.config)
+            if view is not None:
+                views.append((name, view))
+        return views
+
     def as_json(self) -> dict[str, Any]:
         """The JSON document of ``smoothprof fit --json`` (documented in README.md):
         non-finite numbers are None."""
@@ -92,6 +104,19 @@ class Analysis:
                 "warnings": list(recs.warnings),
                 "caveats": list(recs.caveats),
                 "statistics": statistics,
+                "edge_of_stability": [
+                    {
+                        "file": name,
+                        "optimizer": view.kind,
+                        "sharpness": view.column,
+                        "threshold": view.rule.formula,
+                        "late_ratio": view.late_ratio,
+                        "late_steps": list(view.late_steps) if view.late_steps else None,
+                        "late_threshold": view.late_threshold,
+                        "source": view.rule.source,
+                    }
+                    for name, view in self.edge_of_stability
+                ],
             }
         )
 

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -39,6 +40,7 @@ from .display import (
     ESTIMATOR_LABELS,
     compare_plot,
     compare_table,
+    edge_of_stability_table,
     envelope_plot,
     fit_summary,
     format_number,
@@ -302,8 +304,9 @@ def run(
     hvp_method: Annotated[
         str | None,
         typer.Option(
-            help="auto (fastest that works), retained, double-backward or forward-over-reverse "
-            "[default: auto]."
+            help="auto (the first that works, in this order), retained, double-backward, "
+            "forward-over-reverse or finite-difference (two gradients, not exact: for models "
+            "that cannot be differentiated twice) [default: auto]."
         ),
     ] = None,
     retain_graphs: Annotated[
@@ -507,8 +510,11 @@ def _print_summary(
     err = _error_console()
     console = _stdout_console(_output_width(None))
     converged = sum(r.hessian_converged for r in result.probes)
+    fd_hvps = ", up to the finite-difference HVPs' error" * (
+        result.hvp_method == "finite-difference"
+    )
     certified = (
-        f" ({converged} of {len(result.probes)} Hessian norms certified)"
+        f" ({converged} of {len(result.probes)} Hessian norms certified{fd_hvps})"
         if "hvp" in config.estimators and result.probes
         else ""
     )
@@ -700,7 +706,7 @@ def _schedule_text(config: RunConfig) -> str:
 def _probe_work(prepared: PreparedRun, probes: list[Any]) -> Any:
     config = prepared.config
     return probe_work(
-        [r.hvp_count for r in probes],
+        [r.hvp_count + r.preconditioned_hvp_count for r in probes],  # both solvers' HVPs
         num_batches=len(prepared.probe_batches),
         estimators=config.estimators,
         num_fd_points=len(config.fd_points),
@@ -774,13 +780,14 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
                     if note is not None:
                         err.print(note, markup=False)
 
-            result = train(
-                prepared,
-                on_probe=writer.append_probe,
-                on_train_row=writer.append_train,
-                on_step=on_step,
-                on_probe_hvp=report_hvp,
-            )
+            with _probe_failure_notes(err):
+                result = train(
+                    prepared,
+                    on_probe=writer.append_probe,
+                    on_train_row=writer.append_train,
+                    on_step=on_step,
+                    on_probe_hvp=report_hvp,
+                )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the close
         writer.set_attribute("interrupted", True)
@@ -820,6 +827,26 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
     if result.diverged:
         writer.set_attribute("diverged_at_step", result.diverged_at)
     return result
+
+
+@contextlib.contextmanager
+def _probe_failure_notes(err: Console) -> Iterator[None]:
+    """Show a probe estimator's failure (the probe warns once per failure) as a one-line note;
+    every other warning as Python shows it."""
+    from .probe import ProbeEstimatorWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ProbeEstimatorWarning)
+        show = warnings.showwarning
+
+        def show_note(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, ProbeEstimatorWarning):
+                err.print(f"note: {message}", markup=False)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_note
+        yield
 
 
 def _lost_another_rank(error: BaseException) -> bool:
@@ -998,6 +1025,8 @@ def fit(
             smoothness_label=ESTIMATOR_LABELS[analysis.estimator],
         )
         parts.append(Text.from_ansi(figure) if color else Text(figure))
+    if analysis.edge_of_stability:
+        parts.append(edge_of_stability_table(analysis.edge_of_stability, ascii_only=ascii_only))
     commands = profile_sweep_commands(analysis.trajectories, recs)
     parts.append(recommendations_view(recs, ascii_only=ascii_only, commands=commands))
     _emit(out_width, ascii_only, *parts)

@@ -25,6 +25,7 @@ from .compare import FINAL_SHARE, Comparison, short_labels
 from .fit import EnvelopeFit
 from .recommend import Recommendation, Recommendations, pytorch_snippet
 from .schedule import SCHEDULE_OPTIONS
+from .stability import EdgeOfStability, edge_of_stability
 from .trajectory import Trajectory
 from .wording import plural
 
@@ -223,6 +224,9 @@ def series_plot(
         ),
         ("step size (learning rate)", [("lr", train, "lr", ".")]),
     ]
+    stability = edge_of_stability(probes, train, trajectory.config)
+    if stability is not None:
+        panels.insert(3, _edge_of_stability_panel(stability))
     palette = ["blue+", "red+"]
     figures = []
     for title, series in panels:
@@ -260,6 +264,55 @@ def series_plot(
     if clipped is not None:
         figures.append(_finish(clipped, color=color, ascii_only=ascii_only))
     return "\n".join(figures)
+
+
+SHARPNESS_LABELS = {
+    "hessian_norm": "||Hessian|| (Lanczos)",
+    "preconditioned_sharpness": "top eig. of P^-1 H (Adam's P)",
+}
+OPTIMIZER_LABELS = {"sgd": "SGD", "momentum": "SGD + momentum", "adam": "Adam"}
+
+
+def _edge_of_stability_panel(view: EdgeOfStability) -> tuple[str, list[tuple]]:
+    """The sharpness and the optimizer's stability threshold, as a ``series_plot`` panel."""
+    columns = {"step": view.step, "sharpness": view.sharpness, "threshold": view.threshold}
+    title = f"edge of stability ({OPTIMIZER_LABELS[view.kind]}"
+    if math.isfinite(view.late_ratio):
+        title += f"; late probes at {view.late_ratio:.2f} x threshold"
+    return title + ")", [
+        (SHARPNESS_LABELS[view.column], columns, "sharpness", "*"),
+        (f"threshold {view.rule.formula}", columns, "threshold", "-"),
+    ]
+
+
+def edge_of_stability_table(
+    views: Sequence[tuple[str, EdgeOfStability]], *, ascii_only: bool = False
+) -> Table:
+    """Per file: the late probes' sharpness against the stability threshold of its optimizer."""
+    table = _table("edge of stability: sharpness against the optimizer's threshold", ascii_only)
+    for name in ("file", "optimizer", "sharpness", "threshold", "late sharpness / threshold"):
+        table.add_column(name, overflow="fold")
+    for path, view in views:
+        late = "no probe with both"
+        if view.late_steps is not None:
+            first, last = view.late_steps
+            late = f"{format_number(view.late_ratio, 3)} (median, steps {first}-{last})"
+        table.add_row(
+            *(
+                _text(cell, ascii_only)
+                for cell in (
+                    _shown_path(path), OPTIMIZER_LABELS[view.kind], view.rule.sharpness,
+                    f"{view.rule.formula} = {format_number(view.late_threshold)}", late,
+                )
+            )
+        )  # fmt: skip
+    sources = sorted({view.rule.source for _, view in views})
+    table.caption = _text(
+        "near 1: training at the edge of stability; above 1: beyond it. "
+        f"Source: {'; '.join(sources)}",
+        ascii_only,
+    )
+    return table
 
 
 def _y_axis(values: np.ndarray) -> tuple[bool, tuple[float, float] | None]:

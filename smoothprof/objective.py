@@ -147,8 +147,19 @@ def lstm_from_cells(
     return output, torch.stack(last_h), torch.stack(last_c)
 
 
+def hardsigmoid_from_clamp(x: torch.Tensor) -> torch.Tensor:
+    """``F.hardsigmoid``, relu6(x + 3) / 6, from ``torch.clamp``: ATen's own kernel has no
+    double backward ("derivative for aten::hardsigmoid_backward is not implemented")."""
+    return torch.clamp(x + 3, 0, 6) / 6
+
+
+def hardswish_from_clamp(x: torch.Tensor) -> torch.Tensor:
+    """``F.hardswish``, x relu6(x + 3) / 6, from ``torch.clamp``, for the same reason."""
+    return x * hardsigmoid_from_clamp(x)
+
+
 class ProbeKernels(TorchFunctionMode):
-    """The probe's own pieces for two ATen kernels whose double backward is slow.
+    """The probe's own pieces for ATen kernels whose double backward is slow or missing.
 
     - Train-mode ``F.batch_norm`` as ``batch_norm_from_statistics``: ATen's batch-norm double
       backward runs many full-size products; in ``benchmarks/probe_speed.py`` the CNN's HVP drops
@@ -158,6 +169,9 @@ class ProbeKernels(TorchFunctionMode):
       time step out of the whole sequence, and autograd pays for each slice with a zero-filled
       tensor of the sequence's size; the benchmark's char-LSTM HVP drops from about 8.5 to 6.5
       gradients.
+    - ``F.hardsigmoid`` and ``F.hardswish`` (MobileNetV3's activations) from ``torch.clamp``:
+      ATen's have no double backward at all. An in-place call returns the value and leaves its
+      input as it was (``nn.Hardswish(inplace=True)`` uses the value it returns).
 
     The same functions up to rounding (tests hold them to 1e-12 of ATen's in float64). Anything
     else goes to ATen as it is: eval-mode batch norm, dtypes other than float32 / float64 (ATen
@@ -168,7 +182,13 @@ class ProbeKernels(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is nn.functional.batch_norm:
+        if func is nn.functional.hardsigmoid or func is nn.functional.hardswish:
+            x = args[0] if args else kwargs["input"]
+            if x.dtype in _FLOATS:
+                if func is nn.functional.hardsigmoid:
+                    return hardsigmoid_from_clamp(x)
+                return hardswish_from_clamp(x)
+        elif func is nn.functional.batch_norm:
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
@@ -216,15 +236,42 @@ class _LossOf(nn.Module):
         return self.loss_fn(self.model, self.batch)
 
 
-HVP_METHODS = ("retained", "double-backward", "forward-over-reverse")
+HVP_METHODS = ("retained", "double-backward", "forward-over-reverse", "finite-difference")
 """How a Hessian-vector product is taken, fastest first where each works:
 
 - ``retained``: one more backward pass through the double-backward graph kept from the gradient
   (memory of every probe batch's graph at once);
 - ``double-backward``: the graph rebuilt batch by batch for every product (memory of one batch);
 - ``forward-over-reverse``: ``torch.func.jvp`` of ``torch.func.grad`` (no graph kept; fails for
-  CPU LSTMs and some fused kernels).
+  CPU LSTMs and some fused kernels);
+- ``finite-difference``: the central difference of two gradients along the vector (see
+  ``finite_difference_hvp_step``), for models that cannot be differentiated twice. Not exact:
+  its relative error is about ``FINITE_DIFFERENCE_HVP_RTOL`` of the dtype, measured.
 """
+
+EXACT_HVP_METHODS = HVP_METHODS[:-1]
+"""The methods that differentiate twice: exact up to rounding."""
+
+FINITE_DIFFERENCE_HVP_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+"""A bound on the relative error ||H v - FD(v)|| / ||H v|| of the finite-difference HVP that
+tests/test_probe.py holds on its small models against the dense float64 Hessian; the worst
+measured there was 4e-10 in float64 and 3e-4 in float32 (batch norm), and 2e-3 in float32 on
+a 51k-parameter CNN with Hardswish, whose kinks a step can cross."""
+
+
+def finite_difference_hvp_step(point_norm: float, vector_norm: float, dtype: torch.dtype) -> float:
+    """The step h of the central difference (g(x + h v) - g(x - h v)) / (2 h).
+
+    Its error has two parts: the truncation, about (h ||v||)^2 times the third derivative, and
+    rounding, about eps ||x|| / (h ||v||) relative: x + h v is stored in the parameters' dtype,
+    each coordinate rounded to eps |x_i|, and the gradients carry their own rounding. A step of
+    length h ||v|| = eps^(1/3) max(1, ||x||) balances the two (the textbook central-difference
+    step, scaled to the parameters so that it does not vanish in their rounding): both come to
+    about eps^(2/3) relative, 2e-5 in float32 and 4e-11 in float64, where the function varies on
+    the parameters' own scale.
+    """
+    eps = torch.finfo(dtype).eps
+    return eps ** (1 / 3) * max(1.0, point_norm) / vector_norm
 
 
 class ProbeObjective:
@@ -410,6 +457,8 @@ class ProbeObjective:
             if self._retained is None:
                 raise RuntimeError("no retained graph: call gradient(create_graph=True) first")
             return self._grad_of_dot(self._retained, pieces, retain_graph=True)
+        if method == "finite-difference":
+            return self._finite_difference_hvp(vector.to(self.parameters[0].dtype))
         total: torch.Tensor | None = None
         for index in self.local_indices:
             if method == "double-backward":
@@ -425,6 +474,36 @@ class ProbeObjective:
                 raise ValueError(f"unknown HVP method {method!r}")
             return flatten([torch.zeros_like(p) for p in self.parameters])
         return total / len(self.batches)
+
+    def _finite_difference_hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """This rank's share of (g(x + h v) - g(x - h v)) / (2 h), h from
+        ``finite_difference_hvp_step``: two gradients per batch, each batch seeded as always, and
+        the parameters restored bit for bit afterwards (copied back from a saved copy)."""
+        vector_norm = float(torch.linalg.vector_norm(vector))
+        if vector_norm == 0 or not self.local_indices:
+            return flatten([torch.zeros_like(p) for p in self.parameters])
+        saved = [p.detach().clone() for p in self.parameters]
+        # The norm of x over all ranks' parameters alike: every rank holds the same x.
+        point_norm = float(torch.linalg.vector_norm(flatten(saved)))
+        step = finite_difference_hvp_step(point_norm, vector_norm, vector.dtype)
+        pieces = unflatten(vector, self.parameters)
+        sums: list[torch.Tensor] = []
+        try:
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for parameter, value, piece in zip(self.parameters, saved, pieces):
+                        parameter.copy_(value + (sign * step) * piece)
+                total: torch.Tensor | None = None
+                for index in self.local_indices:
+                    gradient = flatten(self._batch_gradient(index, create_graph=False)[1])
+                    total = gradient if total is None else total + gradient
+                assert total is not None
+                sums.append(total)
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, saved):
+                    parameter.copy_(value)
+        return (sums[0] - sums[1]) / (2 * step * len(self.batches))
 
     def _forward_over_reverse(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
         from torch.func import functional_call, grad, jvp

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,10 +34,19 @@ from .objective import (
     trainable_parameters,
     unflatten,
 )
+from .preconditioner import adam_inverse_sqrt_preconditioner, is_adam, optimizer_stability
 from .schedule import BUDGET_FLOOR, Schedule, as_schedule, every_k_steps
+from .stability import kind_code
 
 ESTIMATORS = ("fd", "hvp", "curvature")
+PRECONDITIONED = "preconditioned sharpness"
+"""Measured with "hvp" when the optimizer is Adam or AdamW; it can fail on its own."""
 MODES = ("train", "eval")
+
+
+class ProbeEstimatorWarning(UserWarning):
+    """An estimator failed during a probe: it is left out of this probe and of every later one
+    (NaN in its columns), and the run goes on. Warned once per failure."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,9 @@ class HessianNorm:
     ``value`` = |eigenvalue| >= 0; ``eigenvalue`` is the signed eigenvalue of largest magnitude;
     ``eigenvector`` is its unit eigenvector as one flat tensor over the trainable parameters in
     ``model.parameters()`` order; ``converged`` is true when the residual certifies the relative
-    error below ``rtol`` within the HVP budget.
+    error below ``rtol`` within the HVP budget. With finite-difference HVPs the residual is that
+    of the finite-difference operator: the certificate holds up to its error (see
+    ``objective.FINITE_DIFFERENCE_HVP_RTOL``).
     """
 
     value: float
@@ -72,6 +84,14 @@ class ProbeRecord:
     hvp_count: int
     hessian_converged: bool
     seconds: float
+    # The edge of stability (``stability.py``): with an Adam/AdamW optimizer, the largest
+    # eigenvalue of P^-1/2 H P^-1/2 (NaN otherwise, and before Adam's first update); the
+    # threshold of the optimizer at this step and its kind (``stability.kind_code``).
+    preconditioned_sharpness: float = math.nan
+    preconditioned_hvp_count: int = 0
+    preconditioned_converged: bool = False
+    stability_threshold: float = math.nan
+    stability_kind: int = -1
 
     def as_row(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -260,6 +280,19 @@ def fastest_hvp_method(
     return min(timings, key=timings.__getitem__), timings
 
 
+def _stability_fields(
+    preconditioned: HessianNorm | None, kind: int, threshold: float
+) -> dict[str, Any]:
+    """The edge-of-stability fields of a ``ProbeRecord``."""
+    return {
+        "preconditioned_sharpness": preconditioned.eigenvalue if preconditioned else math.nan,
+        "preconditioned_hvp_count": preconditioned.num_hvps if preconditioned else 0,
+        "preconditioned_converged": preconditioned.converged if preconditioned else False,
+        "stability_threshold": threshold,
+        "stability_kind": kind,
+    }
+
+
 class Probe:
     """Measures smoothness at scheduled steps of a training loop it does not disturb.
 
@@ -294,6 +327,11 @@ class Probe:
     ``retain_graphs`` allows the "retained" method to keep every probe batch's graph at once
     (default: only for a single batch).
 
+    An estimator that raises (after every HVP method ``hvp_method`` allows has been tried) is
+    recorded as NaN, left out of later probes, and reported once as a ``ProbeEstimatorWarning``
+    ("hvp failed at step 30 (RuntimeError: ...); the run goes on without it"); ``failed`` maps
+    each failed estimator to that message. The training is never affected.
+
     In a data-parallel loop, give every rank the same ``batches`` (the global probe batches) and
     the ``DistributedDataParallel`` model (or the plain module with ``distributed=True`` and,
     optionally, a ``process_group``): each rank evaluates the batches i with
@@ -302,6 +340,13 @@ class Probe:
     evaluates the module inside the wrapper, so DDP's hooks and buffer broadcasts do not run.
     Call it on every rank at the same steps; decisions that depend on a clock (the overhead cap,
     timing HVP methods) are rank 0's. ``on_record`` is called on every rank; write on one.
+
+    ``optimizer`` (optional, read only) is the optimizer of the loop. With it, each record holds
+    the optimizer's stability threshold at that step (``stability.py``); and when it is
+    ``torch.optim.Adam`` or ``AdamW``, the "hvp" estimator also measures the preconditioned
+    sharpness, the largest eigenvalue of P^-1 H with Adam's P = sqrt(v_hat) + eps from the state of
+    its last update (Lanczos on P^-1/2 H P^-1/2, warm started from the previous probe's
+    eigenvector; NaN at a probe before Adam's first update).
     """
 
     def __init__(
@@ -326,6 +371,7 @@ class Probe:
         on_hvp: Callable[[int, int], None] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         unknown = sorted(set(estimators) - set(ESTIMATORS))
         if unknown:
@@ -361,7 +407,10 @@ class Probe:
         self.probe_seconds = 0.0
         self._started: float | None = None
         self._eigenvector: torch.Tensor | None = None
+        self.optimizer = optimizer
+        self._preconditioned_vector: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None
+        self.failed: dict[str, str] = {}
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -420,15 +469,22 @@ class Probe:
         parameters = self.parameters
         device = parameters[0].device
         eig: HessianNorm | None = None
+        curvature = math.nan
+        preconditioned: HessianNorm | None = None
         with unchanged_model_state(self.model, device), double_backward_backends(device):
             _set_mode(self.model, self.mode)
             objective = self._objective()
-            want_hvp = "hvp" in self.estimators
-            want_curvature = "curvature" in self.estimators
+            want_hvp = self._wants("hvp")
+            want_curvature = self._wants("curvature")
             loss, gradient, spread = objective.gradient(create_graph=want_hvp or want_curvature)
             gradient_norm = torch.linalg.vector_norm(gradient)
             if (want_hvp or want_curvature) and self.hvp_method == "auto":
-                self.hvp_method = self._choose_hvp_method(objective, gradient)
+                try:
+                    self.hvp_method = self._choose_hvp_method(objective, gradient)
+                except Exception as error:
+                    wanted = [name for name in ("hvp", "curvature") if self._wants(name)]
+                    self._estimators_failed(wanted, step, error)
+                    want_hvp = want_curvature = False
                 objective.hvp_method = self.hvp_method
             hvps_taken = 0
 
@@ -438,23 +494,40 @@ class Probe:
                 if self.on_hvp is not None:
                     self.on_hvp(step, hvps_taken)
 
-            curvature = math.nan
             if want_curvature and gradient_norm > 0:
                 unit = gradient / gradient_norm
-                curvature = float(torch.dot(unit, objective.hvp_with(objective.hvp_method, unit)))
-                hvp_taken()
+                try:
+                    product = objective.hvp_with(objective.hvp_method, unit)
+                except Exception as error:
+                    self._estimators_failed(["curvature"], step, error)
+                else:
+                    curvature = float(torch.dot(unit, product))
+                    hvp_taken()
             if want_hvp:
-                eig = _top_eigenpair(
-                    objective,
-                    self._eigenvector,
-                    rtol=self.rtol,
-                    max_hvps=self.max_hvps,
-                    seed=self.seed + step + 1,
-                    on_hvp=hvp_taken if self.on_hvp is not None else None,
-                )
-                objective.release()
-                if math.isfinite(eig.eigenvalue):
-                    self._eigenvector = eig.eigenvector
+                try:
+                    eig = _top_eigenpair(
+                        objective,
+                        self._eigenvector,
+                        rtol=self.rtol,
+                        max_hvps=self.max_hvps,
+                        seed=self.seed + step + 1,
+                        on_hvp=hvp_taken if self.on_hvp is not None else None,
+                    )
+                except Exception as error:
+                    self._estimators_failed(["hvp"], step, error)
+                else:
+                    if math.isfinite(eig.eigenvalue):
+                        self._eigenvector = eig.eigenvector
+                    if PRECONDITIONED not in self.failed:
+                        try:
+                            preconditioned = self._preconditioned_sharpness(
+                                objective, step, hvp_taken if self.on_hvp is not None else None
+                            )
+                        except Exception as error:
+                            self._estimators_failed([PRECONDITIONED], step, error)
+                finally:
+                    objective.release()
+        stability_kind, threshold = optimizer_stability(self.optimizer)
         self._pending = {
             "step": step,
             "loss": loss,
@@ -462,11 +535,78 @@ class Probe:
             "grad_noise": float(spread),
             "grad_curvature": curvature,
             "eig": eig,
+            "preconditioned": preconditioned,
+            "stability": (kind_code(stability_kind), threshold),
             "point": flatten([p.detach() for p in parameters]).clone()
-            if "fd" in self.estimators
+            if self._wants("fd")
             else None,
             "seconds": time.perf_counter() - started,
         }
+
+    def _wants(self, estimator: str) -> bool:
+        """Whether this probe runs ``estimator``: asked for, and not failed at an earlier probe."""
+        return estimator in self.estimators and estimator not in self.failed
+
+    def _estimators_failed(self, estimators: Sequence[str], step: int, error: Exception) -> None:
+        """Leave ``estimators`` out from now on and say so once, in one line."""
+        if not estimators:
+            return
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        cause = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        names, them = " and ".join(estimators), "them" if len(estimators) > 1 else "it"
+        message = f"{names} failed at step {step} ({cause}); the run goes on without {them}"
+        for name in estimators:
+            self.failed[name] = message
+        warnings.warn(message, ProbeEstimatorWarning, stacklevel=3)
+
+    def _preconditioned_sharpness(
+        self, objective: ProbeObjective, step: int, on_hvp: Callable[[], None] | None
+    ) -> HessianNorm | None:
+        """The largest (algebraic) eigenvalue of P^-1/2 H P^-1/2 with Adam's P (see
+        ``preconditioner``) and its eigenvector; None when the optimizer is not Adam/AdamW or
+        has made no update yet.
+
+        Lanczos finds the eigenvalue of largest magnitude; when that one is negative, a second
+        run on the operator shifted by its magnitude (all eigenvalues then >= 0) finds the
+        largest, which bounds Adam's stability; ``num_hvps`` counts both runs and ``converged``
+        certifies the shifted run's relative error."""
+        if not is_adam(self.optimizer):
+            return None
+        scale = adam_inverse_sqrt_preconditioner(self.optimizer, objective.parameters)
+        if scale is None:
+            return None
+
+        def matvec(vector: torch.Tensor) -> torch.Tensor:
+            product = scale * objective.hvp(scale * vector)
+            if on_hvp is not None:
+                on_hvp()
+            return product
+
+        start = self._preconditioned_vector
+        if start is None:
+            start = _random_start(objective.parameters, self.seed + step + 1)
+        start = start.to(scale)
+        eig = lanczos_top_eigenpair(matvec, start, rtol=self.rtol, max_matvecs=self.max_hvps)
+        eigenvalue, num_hvps = eig.eigenvalue, eig.num_matvecs
+        if math.isfinite(eigenvalue) and eigenvalue < 0:
+            shift = -eigenvalue
+            eig = lanczos_top_eigenpair(
+                lambda vector: matvec(vector).add_(vector, alpha=shift),
+                start,
+                rtol=self.rtol,
+                max_matvecs=self.max_hvps,
+            )
+            eigenvalue, num_hvps = eig.eigenvalue - shift, num_hvps + eig.num_matvecs
+        if math.isfinite(eigenvalue):
+            self._preconditioned_vector = eig.eigenvector.detach()
+        return HessianNorm(
+            value=abs(eigenvalue),
+            eigenvalue=eigenvalue,
+            eigenvector=eig.eigenvector.detach(),
+            num_hvps=num_hvps,
+            converged=eig.converged,
+            residual=eig.residual,
+        )
 
     def _choose_hvp_method(self, objective: ProbeObjective, gradient: torch.Tensor) -> str:
         """The first of ``HVP_METHODS`` that works on this objective, in their order: the retained
@@ -493,7 +633,10 @@ class Probe:
         started = time.perf_counter()
         smoothness_fd = math.nan
         if pending["point"] is not None and update_made:
-            smoothness_fd = self._finite_difference(pending["point"], pending["gradient"])
+            try:
+                smoothness_fd = self._finite_difference(pending["point"], pending["gradient"])
+            except Exception as error:  # the parameters are back at x_{t+1} (its finally)
+                self._estimators_failed(["fd"], pending["step"], error)
         eig: HessianNorm | None = pending["eig"]
         record = ProbeRecord(
             step=pending["step"],
@@ -507,6 +650,7 @@ class Probe:
             hvp_count=eig.num_hvps if eig else 0,
             hessian_converged=eig.converged if eig else False,
             seconds=pending["seconds"] + time.perf_counter() - started,
+            **_stability_fields(pending["preconditioned"], *pending["stability"]),
         )
         self.probe_seconds += record.seconds
         self.records.append(record)

@@ -25,6 +25,7 @@ import numpy as np
 from . import __version__
 from .display import (
     ESTIMATOR_LABELS,
+    SHARPNESS_LABELS,
     assumptions_text,
     clipped_share_window,
     fit_rows,
@@ -35,6 +36,7 @@ from .display import (
 )
 from .fit import EnvelopeFit
 from .recommend import Recommendations, pytorch_snippet
+from .stability import edge_of_stability
 from .trajectory import Trajectory
 from .wording import plural
 
@@ -170,8 +172,9 @@ def _log_axis_wanted(values: Sequence[np.ndarray]) -> bool:
 
 
 def series_figure(trajectory: Trajectory, *, title: str = "") -> Any:
-    """Over the steps: loss, gradient norm, both smoothness estimates, the step size and the
-    share of clipped steps, one panel each (a panel without data is left out)."""
+    """Over the steps: loss, gradient norm, both smoothness estimates, the sharpness against the
+    optimizer's stability threshold, the step size and the share of clipped steps, one panel
+    each (a panel without data is left out)."""
     probes, train = trajectory.probes, trajectory.train
 
     def column(group: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -214,6 +217,27 @@ def series_figure(trajectory: Trajectory, *, title: str = "") -> Any:
         ),
         ("step size (learning rate)", [("lr", column(train, "lr"), {"color": "C4"})]),
     ]
+    stability = edge_of_stability(probes, train, trajectory.config)
+    if stability is not None:  # the edge of stability, as `smoothprof plot` draws it
+        steps = stability.step.astype(np.float64)
+        panels.insert(
+            3,
+            (
+                "sharpness / edge of stability",
+                [
+                    (
+                        SHARPNESS_LABELS[stability.column],
+                        (steps, stability.sharpness),
+                        {"color": "C3", "marker": "o", "ms": 3},
+                    ),
+                    (
+                        f"threshold {stability.rule.formula}",
+                        (steps, stability.threshold),
+                        {"color": "k", "linestyle": "--"},
+                    ),
+                ],
+            ),
+        )
     has_rows = "clipped" in train and "step" in train and len(train["step"]) > 0
     if has_rows and (trajectory.config.get("clip") is not None or np.any(train["clipped"])):
         flags = np.asarray(train["clipped"], dtype=np.float64)

@@ -136,7 +136,7 @@ def probe_schedule(config: ScheduleOptions) -> Callable[[int], bool]:
         return log_spaced_steps(config.probes_per_decade)
     if config.probe_schedule == "every":
         return every_k_steps(config.probe_every or DEFAULT_PROBE_EVERY)
-    return frozenset(spread_steps(config.steps, config.num_probes)).__contains__
+    return as_schedule(spread_steps(config.steps, config.num_probes))
 
 
 def planned_probe_steps(config: ScheduleOptions) -> tuple[int, ...]:

@@ -399,10 +399,15 @@ class PreparedRun:
 
     @property
     def optimizer_name(self) -> str:
-        """The options' name (sgd, momentum, adam) or the file's optimizer class in lower case."""
-        if self.optimizer_from_file:
-            return type(self.optimizer).__name__.lower()
-        return self.config.optimizer
+        """The options' name (sgd, momentum, adam) or the file's optimizer class in lower case
+        (an SGD with momentum is "momentum", as the options name it)."""
+        if not self.optimizer_from_file:
+            return self.config.optimizer
+        if type(self.optimizer) is torch.optim.SGD and self.optimizer.param_groups[0].get(
+            "momentum"
+        ):
+            return "momentum"
+        return type(self.optimizer).__name__.lower()
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of a training forward pass (none without ``--amp``); the probe
@@ -571,6 +576,7 @@ def train(
         on_hvp=on_probe_hvp,
         distributed=run.comm is not None,
         process_group=None if run.comm is None else run.comm.group,
+        optimizer=run.optimizer,
     )
     started = time.perf_counter()
     batches = _cycle(model_file, run.loader)

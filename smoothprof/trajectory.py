@@ -60,6 +60,11 @@ PROBE_COLUMNS: dict[str, type] = {
     "hvp_count": np.int64,
     "hessian_converged": np.uint8,
     "seconds": np.float64,
+    "preconditioned_sharpness": np.float64,
+    "preconditioned_hvp_count": np.int64,
+    "preconditioned_converged": np.uint8,
+    "stability_threshold": np.float64,
+    "stability_kind": np.int64,
 }
 TRAIN_COLUMNS: dict[str, type] = {
     "step": np.int64,

@@ -155,6 +155,7 @@ def test_cli_runs_with_and_without_probes_are_bit_for_bit_equal(tmp_path):
         )
     (probed, probed_state), (plain, plain_state) = outputs["probed"], outputs["plain"]
     assert probed.num_probes == 15 and plain.num_probes == 0
+    assert np.isfinite(probed.probes["preconditioned_sharpness"][1:]).all()  # Adam's, too
     assert np.array_equal(probed.train["loss"], plain.train["loss"])
     assert np.array_equal(probed.train["grad_norm"], plain.train["grad_norm"])
     assert probed_state.keys() == plain_state.keys()
