@@ -408,3 +408,16 @@ def test_reduce_lr_on_plateau_gets_the_steps_loss(tmp_path):
         best = min(best, loss)
     assert trajectory.train["lr"].tolist() == expected
     assert expected[-1] < 2.0  # the loss did not fall at every step: the schedule acted
+
+
+def test_a_files_sgd_with_momentum_is_named_as_the_options_name_it(tmp_path):
+    (tmp_path / "good_minimal.py").write_text((ASSETS / "good_minimal.py").read_text())
+    for momentum, name in ((0.9, "momentum"), (0.0, "sgd")):
+        (tmp_path / "sgd.py").write_text(
+            "import torch\nfrom good_minimal import dataloader, model  # noqa: F401\n\n"
+            "def optimizer(parameters):\n"
+            f"    return torch.optim.SGD(parameters, lr=0.2, momentum={momentum})\n"
+        )
+        _, _, trajectory = run_file(tmp_path / "sgd.py", tmp_path / f"{name}.h5", steps=2)
+        config = trajectory.config
+        assert (config["optimizer"], config["lr"], config["momentum"]) == (name, 0.2, momentum)
