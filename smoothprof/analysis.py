@@ -268,7 +268,7 @@ def planned_steps(trajectories: Sequence[Trajectory]) -> int | None:
 def profiling_run(trajectories: Sequence[Trajectory]) -> ProfilingRun:
     """How the fitted runs trained: the smallest recorded lr (config, else the training rows),
     clipped if any run clipped, the optimizer when all runs name the same one."""
-    lrs, clips, optimizers = [], [], set()
+    lrs, clips, optimizers, from_file = [], [], set(), False
     for trajectory in trajectories:
         config = trajectory.config
         lr = config.get("lr")
@@ -283,10 +283,12 @@ def profiling_run(trajectories: Sequence[Trajectory]) -> ProfilingRun:
         optimizers.add(
             config.get("optimizer") if isinstance(config.get("optimizer"), str) else None
         )
+        from_file = from_file or config.get("optimizer_source") == "model file"
     return ProfilingRun(
         lr=min(lrs) if lrs else None,
         clip=min(clips) if clips else None,
         optimizer=optimizers.pop() if len(optimizers) == 1 else None,
+        optimizer_from_file=from_file,
     )
 
 

@@ -33,7 +33,7 @@ from typer.core import TyperGroup
 # and --version start without it.
 from . import __version__
 from .analysis import ESTIMATOR_COLUMNS, Analysis, analyze
-from .choices import OPTIMIZERS
+from .choices import AMP_DTYPES, OPTIMIZERS
 from .compare import CompareError, compare_trajectories, comparison_as_json
 from .cost import ProbingCost, first_probe_note, probe_work
 from .display import (
@@ -251,6 +251,20 @@ def run(
     no_clip: Annotated[
         bool, typer.Option("--no-clip", help="Do not clip, even if the model file's defaults do.")
     ] = False,
+    amp: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Train under autocast: {' or '.join(AMP_DTYPES)} (fp16 with a GradScaler, "
+            "skipped steps recorded); the probe measures in the model's own dtype "
+            "[default: off]."
+        ),
+    ] = None,
+    accumulate: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Batches whose gradients add up to one optimizer step [default: 1]."
+        ),
+    ] = None,
     probe_every: Annotated[
         int | None,
         typer.Option(
@@ -366,6 +380,7 @@ def run(
 
     overrides: dict[str, Any] = {
         "steps": steps, "lr": lr, "optimizer": optimizer, "clip": clip,
+        "amp": amp, "accumulate": accumulate,
         "probe_every": probe_every, "probe_batches": probe_batches, "rtol": rtol,
         "probe_schedule": probe_schedule, "probes_per_decade": probes_per_decade,
         "num_probes": num_probes,
@@ -410,9 +425,12 @@ def run(
 
 def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tuple[Any, RunConfig]:
     from .loading import load_model_file
-    from .train import RunConfig
+    from .train import RunConfig, file_optimizer_conflicts
 
     spec = load_model_file(model_file)
+    conflict = file_optimizer_conflicts(spec, overrides)
+    if conflict is not None:
+        raise typer.BadParameter(str(conflict))
     try:
         config = RunConfig.from_options(spec.defaults, overrides)
     except ConfigError as error:
@@ -428,7 +446,7 @@ def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tup
 
 
 def _run_attributes(prepared: PreparedRun) -> dict[str, Any]:
-    spec, config = prepared.model_file, prepared.config
+    spec = prepared.model_file
     return {
         "smoothprof_version": __version__,
         "torch_version": _torch_version(),
@@ -436,7 +454,7 @@ def _run_attributes(prepared: PreparedRun) -> dict[str, Any]:
         "model_file": str(spec.path),
         "model_sha256": spec.sha256,
         "world_size": prepared.world_size,
-        "config": {**config.as_json(), "world_size": prepared.world_size},
+        "config": prepared.recorded_config(),
     }
 
 
@@ -448,8 +466,15 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         processes = f", {prepared.comm.world_size} processes ({prepared.comm.backend})"
     err.print(
         f"smoothprof {__version__}: {spec.path.name}, {num_params:,} parameters, "
-        f"{config.steps} steps of {config.optimizer} at lr {config.lr:g}"
+        f"{config.steps} steps of {_optimizer_text(prepared)}"
         + (f", clip {config.clip:g}" if config.clip else "")
+        + (
+            f", {config.amp} autocast (the probe measures in "
+            f"{str(prepared.model_dtype).removeprefix('torch.')})"
+            if config.amp
+            else ""
+        )
+        + (f", {config.accumulate} batches per step" if config.accumulate > 1 else "")
         + f", {_schedule_text(config)} on {plural(len(prepared.probe_batches), 'batch')}, "
         f"device {prepared.device}{processes}",
         markup=False,
@@ -464,6 +489,17 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
             "probed depends on this machine's speed",
             markup=False,
         )
+
+
+def _optimizer_text(prepared: PreparedRun) -> str:
+    """``sgd at lr 0.1``, or what the model file's optimizer() and scheduler() made."""
+    name = prepared.optimizer_name
+    if prepared.optimizer_from_file:
+        name = f"{type(prepared.optimizer).__name__} (model file)"
+    text = f"{name} at lr {prepared.initial_lr:g}"
+    if prepared.scheduler is not None:
+        text += f" with {type(prepared.scheduler).__name__}"
+    return text
 
 
 def _print_summary(
@@ -491,6 +527,13 @@ def _print_summary(
     )
     if result.probes:
         console.print(_probing_cost(prepared, result).summary(), markup=False, soft_wrap=True)
+    if result.steps_skipped:
+        console.print(
+            f"the fp16 GradScaler skipped {plural(result.steps_skipped, 'step')} whose gradient "
+            "overflowed (train/skipped); the probes at those steps have no finite difference",
+            markup=False,
+            soft_wrap=True,
+        )
     if result.probes_skipped:
         console.print(
             f"skipped {plural(result.probes_skipped, 'due probe')} to keep probing under "

@@ -585,9 +585,12 @@ def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendat
     """``sweep_commands`` for the runs these files profiled: their model file (``MODEL.py``
     when they name none or several; relative to the working directory when below it), the
     options they ran with (``profile_run_options``) and, when they agree on it, their number of
-    processes."""
+    processes. None for a profile whose optimizer its model file made: ``--lr`` does not reach
+    that optimizer (the headline's explanation says where to set the sweep's lr)."""
     if recs.headline.clip_threshold is None or not recs.sweep_lrs:
         return []
+    if any(t.config.get("optimizer_source") == "model file" for t in trajectories):
+        return []  # --lr does not reach the model file's optimizer(): the explanation says so
     model_files = {str(t.attributes.get("model_file") or "") for t in trajectories}
     model_file = model_files.pop() if len(model_files) == 1 else ""
     world_sizes = {_world_size(t) for t in trajectories}
@@ -655,7 +658,7 @@ def recommendations_view(
         )
         lines += [_text(f"  {command}", ascii_only, unbroken=True) for command in commands]
     snippet = Panel(
-        _text(pytorch_snippet(recs.headline), ascii_only),
+        _text(pytorch_snippet(recs.headline, own_optimizer=recs.own_optimizer), ascii_only),
         title=_text(f"headline: {recs.headline.title}", ascii_only),
         expand=False,
         box=box.ASCII if ascii_only else box.ROUNDED,

@@ -1,7 +1,8 @@
 """Import a user's model file and call what it defines, with one clear error for any mistake.
 
 A model file is plain Python that defines ``model()`` and ``dataloader()``, and optionally
-``loss(model, batch)``, ``probe_batches()`` and a ``defaults`` dict (see README.md). Importing it
+``loss(model, batch)``, ``probe_batches()``, ``optimizer(parameters)``, ``scheduler(optimizer)``
+and a ``defaults`` dict (see README.md). Importing it
 runs its code, as pytest runs a conftest.py. Every problem with the file or with what its
 functions return becomes a ``ModelFileError`` whose message is one line naming the file.
 """
@@ -23,21 +24,96 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import FILE_OPTIMIZER_OPTIONS
 from .errors import ModelFileError
 from .wording import plural
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_MODULE_PREFIX = "smoothprof_model_"  # a model file's module: the prefix and a hash of its path
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``cross_entropy(model(x), y)`` for a batch ``(x, y)``: the loss if the file defines none."""
+    """The loss if the file defines none.
+
+    A batch ``(x, y)``: ``cross_entropy(logits, y)`` for the logits of ``model(x)``, or the loss
+    the model computed itself. A dict batch (e.g. ``input_ids`` and ``labels``): ``model(**batch)``
+    must compute its own loss, as a ``transformers`` model does when the batch carries labels.
+    ``model_output_loss`` says which outputs are understood."""
+    if isinstance(batch, Mapping):
+        output = model(**batch)
+        loss = _own_loss(output)
+        if loss is None:
+            raise TypeError(
+                f"the default loss called model(**batch) on a dict batch and got "
+                f"{_describe_output(output)} without a loss; give the batch its labels (e.g. "
+                "'labels') or define loss(model, batch) in the model file"
+            )
+        return loss
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
-            f"the default loss needs batches (x, y), got {_describe(batch)}; "
+            f"the default loss needs batches (x, y) or dicts, got {_describe(batch)}; "
             "define loss(model, batch) in the model file"
         )
     inputs, targets = batch
-    return F.cross_entropy(model(inputs), targets)
+    return model_output_loss(model(inputs), targets)
+
+
+def model_output_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """The default loss of a model's ``output`` for ``targets``.
+
+    A tensor is the logits: ``cross_entropy(output, targets)``. An output that carries a loss
+    (``output.loss``, ``output["loss"]``, as ``transformers``' ModelOutput when the model was given
+    labels) is that loss; one that carries logits (``.logits``, ``["logits"]``), or a tuple or list
+    whose first element is a tensor, gives the cross entropy of those logits. Anything else is a
+    ``TypeError`` naming what was found.
+
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    >>> targets = torch.tensor([0, 1])
+    >>> float(model_output_loss((logits, "hidden states"), targets)) == float(
+    ...     model_output_loss({"logits": logits}, targets))
+    True
+    """
+    if isinstance(output, torch.Tensor):
+        return F.cross_entropy(output, targets)
+    loss = _own_loss(output)
+    if loss is not None:
+        return loss
+    logits = _field(output, "logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0] if isinstance(output[0], torch.Tensor) else None
+    if isinstance(logits, torch.Tensor):
+        return F.cross_entropy(logits, targets)
+    raise TypeError(
+        f"the default loss got {_describe_output(output)} from model(x): not a tensor of logits, "
+        "a tuple whose first element is the logits, nor an output with a loss or logits "
+        "(.loss, ['loss'], .logits, ['logits']); define loss(model, batch) in the model file"
+    )
+
+
+def _field(output: Any, name: str) -> Any:
+    """``output[name]`` of a mapping, else ``output.name``; None when it has neither."""
+    if isinstance(output, Mapping):
+        return output.get(name)
+    if isinstance(output, (torch.Tensor, str, bytes)):
+        return None
+    return getattr(output, name, None)
+
+
+def _own_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model's output carries (``.loss`` or ``["loss"]``), if it is a tensor."""
+    loss = _field(output, "loss")
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _describe_output(output: Any) -> str:
+    """What a model returned, named by its type: with its module (``transformers...Output``)
+    unless the model file defines it."""
+    kind = type(output)
+    if isinstance(output, torch.Tensor) or kind.__module__ == "builtins":
+        return _describe(output)
+    if kind.__module__.startswith(_MODULE_PREFIX):
+        return f"a {kind.__qualname__}"
+    return f"a {kind.__module__}.{kind.__qualname__}"
 
 
 def _describe(value: Any) -> str:
@@ -62,6 +138,8 @@ class ModelFile:
     loss: LossFn = field(repr=False)
     make_probe_batches: Callable[[], Iterable[Any]] | None = field(repr=False)
     defaults: Mapping[str, Any]
+    make_optimizer: Callable[[list[torch.Tensor]], Any] | None = field(default=None, repr=False)
+    make_scheduler: Callable[[Any], Any] | None = field(default=None, repr=False)
 
     @property
     def has_own_loss(self) -> bool:
@@ -78,8 +156,11 @@ class ModelFile:
             name = "the default loss" if not self.has_own_loss else "loss(model, batch)"
             raise self.error(f"{name} raised {_one_line(error)}") from error
 
-    def backward(self, loss: Any) -> None:
-        """``loss.backward()`` on what ``loss(model, batch)`` returned during training.
+    def backward(
+        self, loss: Any, scaled: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """``loss.backward()`` on what ``loss(model, batch)`` returned during training, or
+        ``scaled(loss).backward()`` (divided by the batches accumulated, scaled for fp16).
 
         The first loss is checked before the run by ``check_loss``; this catches a later one that
         is no longer a differentiable scalar, and errors raised inside the backward pass."""
@@ -87,7 +168,7 @@ class ModelFile:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise self.error(f"{name} returned {_describe(loss)}, not a scalar tensor")
         try:
-            loss.backward()
+            (loss if scaled is None else scaled(loss)).backward()
         except Exception as error:
             raise self.error(f"the backward pass of {name} raised {_one_line(error)}") from error
 
@@ -131,7 +212,7 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise ModelFileError(f"{path}: line {error.lineno}: syntax error: {error.msg}") from None
     except ValueError as error:
         raise ModelFileError(f"{path}: not Python source: {error}") from None
-    module_name = f"smoothprof_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    module_name = f"{_MODULE_PREFIX}{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
@@ -172,6 +253,12 @@ def load_model_file(path: str | Path) -> ModelFile:
     defaults = getattr(module, "defaults", {})
     if not isinstance(defaults, Mapping):
         raise ModelFileError(f"{path}: defaults is {_describe(defaults)}, not a dict")
+    decided = [key for key in FILE_OPTIMIZER_OPTIONS if key in defaults]
+    if decided and optional("optimizer") is not None:
+        raise ModelFileError(
+            f"{path}: defaults sets {', '.join(decided)}, which optimizer(parameters) decides; "
+            "set it in optimizer() and leave it out of defaults"
+        )
     return ModelFile(
         path=path,
         sha256=hashlib.sha256(source).hexdigest(),
@@ -181,6 +268,8 @@ def load_model_file(path: str | Path) -> ModelFile:
         loss=loss,
         make_probe_batches=optional("probe_batches"),
         defaults=dict(defaults),
+        make_optimizer=optional("optimizer"),
+        make_scheduler=optional("scheduler"),
     )
 
 
@@ -198,6 +287,67 @@ def instantiate_model(model_file: ModelFile) -> nn.Module:
             "model() has no parameters with requires_grad=True; nothing to train"
         )
     return model
+
+
+def instantiate_optimizer(
+    model_file: ModelFile, parameters: list[torch.Tensor]
+) -> torch.optim.Optimizer:
+    """Call ``optimizer(parameters)`` and check that it returns a ``torch.optim.Optimizer`` over
+    some of ``parameters`` (the model's trainable ones) and nothing else."""
+    assert model_file.make_optimizer is not None
+    try:
+        optimizer = model_file.make_optimizer(parameters)
+    except Exception as error:
+        raise model_file.error(f"optimizer(parameters) raised {_one_line(error)}") from error
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise model_file.error(
+            f"optimizer(parameters) returned {_describe(optimizer)}, not a torch.optim.Optimizer"
+        )
+    given = {id(p) for p in parameters}
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    if not stepped:
+        raise model_file.error("optimizer(parameters) returned an optimizer with no parameters")
+    if any(id(p) not in given for p in stepped):
+        raise model_file.error(
+            "optimizer(parameters) returned an optimizer over tensors that are not the model's "
+            "trainable parameters; build it from the parameters it is given"
+        )
+    return optimizer
+
+
+def instantiate_scheduler(model_file: ModelFile, optimizer: torch.optim.Optimizer) -> Any:
+    """Call ``scheduler(optimizer)`` and check that it returns an LR scheduler of that
+    optimizer: an object with a ``step()`` method (``torch.optim.lr_scheduler``'s, or one's own)
+    whose ``optimizer``, when it has one, is the one given."""
+    assert model_file.make_scheduler is not None
+    try:
+        scheduler = model_file.make_scheduler(optimizer)
+    except Exception as error:
+        raise model_file.error(f"scheduler(optimizer) raised {_one_line(error)}") from error
+    if not callable(getattr(scheduler, "step", None)):
+        raise model_file.error(
+            f"scheduler(optimizer) returned {_describe(scheduler)}, not an LR scheduler (an "
+            "object with a step() method, e.g. from torch.optim.lr_scheduler)"
+        )
+    own = getattr(scheduler, "optimizer", optimizer)
+    if own is not optimizer:
+        raise model_file.error(
+            "scheduler(optimizer) returned a scheduler of another optimizer; build it on the "
+            "optimizer it is given"
+        )
+    return scheduler
+
+
+def step_scheduler(model_file: ModelFile, scheduler: Any, loss: float) -> None:
+    """One step of the file's scheduler after an optimizer step; ``ReduceLROnPlateau`` gets the
+    step's training loss as its metric."""
+    try:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(loss)
+        else:
+            scheduler.step()
+    except Exception as error:
+        raise model_file.error(f"the scheduler's step() raised {_one_line(error)}") from error
 
 
 def check_no_meta_tensors(model_file: ModelFile, model: nn.Module) -> None:

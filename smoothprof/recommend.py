@@ -73,12 +73,21 @@ class ProfilingRun:
     """How the run whose points were fitted trained, as far as its file records it.
 
     ``lr`` is its step size (None: not recorded), ``clip`` its clip threshold (None: unclipped),
-    ``optimizer`` the name ``smoothprof run`` uses ("sgd", "momentum", "adam"; None: not recorded).
+    ``optimizer`` the name ``smoothprof run`` uses ("sgd", "momentum", "adam", or the model file's
+    optimizer class in lower case, e.g. "adamw"; None: not recorded). ``optimizer_from_file``: the
+    model file's ``optimizer()`` made it (then ``lr`` is its param group 0's initial lr, and
+    ``--lr`` does not reach it).
     """
 
     lr: float | None = None
     clip: float | None = None
     optimizer: str | None = None
+    optimizer_from_file: bool = False
+
+    @property
+    def sgd_family(self) -> bool:
+        """Whether its lr is a step size of (momentum) SGD, the update the rules speak of."""
+        return self.optimizer in (None, "sgd", "momentum")
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,9 @@ class Recommendations:
     warnings: tuple[str, ...]  # degenerate fits, noise above the clip threshold, weak evidence
     caveats: tuple[str, ...] = CAVEATS  # theory.md §5, true of every fit
     sweep_lrs: tuple[float, ...] = ()  # step sizes to try with the headline's clip threshold
+    # The profiling run's optimizer when it is not SGD (e.g. "adamw"): the headline's lr is its
+    # lr, to keep with that optimizer and the clip, not an SGD step size.
+    own_optimizer: str | None = None
 
 
 _SOURCE_THEOREM_3 = "Zhang et al. 2020, Theorem 3 [paper]"
@@ -208,6 +220,9 @@ def recommend(
         if not (_is_finite_rule(measured) and all(math.isfinite(lr) for lr in sweep_lrs)):
             warnings.append(f"{measured.title}: its values overflow float64 for this fit.")
             measured, sweep_lrs = None, ()
+    own_optimizer = None
+    if measured is not None and profile.lr is not None and not profile.sgd_family:
+        own_optimizer = profile.optimizer
     if measured is not None:
         headline = measured
         rules.insert(0, headline)
@@ -220,8 +235,17 @@ def recommend(
                 f"{headline.clip_threshold:.3g}, the profiling run's own threshold (the fitted "
                 f"c = L0/L1 = {c_fit:.3g} would allow longer steps than that run took)"
             )
+        with_lr = f"lr = {headline.step_size:.3g}"
+        if own_optimizer is not None:
+            with_lr = (
+                f"{own_optimizer} at its lr {headline.step_size:.3g} (the profiling run's "
+                f"optimizer and lr, kept: not an SGD step size)"
+            )
+        where_to_sweep = "at this clip threshold"
+        if profile.optimizer_from_file:
+            where_to_sweep = "in the model file's optimizer() with --clip at this threshold"
         explanation = (
-            f"Headline: clip at {where}, with lr = {headline.step_size:.3g}. The envelope's "
+            f"Headline: clip at {where}, with {with_lr}. The envelope's "
             "two terms are equal at c = L0/L1: above it the smoothness grows with the gradient "
             "norm, and clipping caps the step there. This rule is "
             "measured, not proved: on smoothprof's sample models (README.md, Results) clipping at "
@@ -232,7 +256,7 @@ def recommend(
             "char-LSTM and failed on the MLP), while every theorem's step size was 78 to 275 "
             "times too small to train in that budget. The theorems' rules below are worst-case "
             "guarantees: safe lower bounds, not tuned values. Try the clipped sweep lr = "
-            f"{', '.join(f'{lr:.3g}' for lr in sweep_lrs)} at this clip threshold and keep the "
+            f"{', '.join(f'{lr:.3g}' for lr in sweep_lrs)} {where_to_sweep} and keep the "
             "best (smoothprof compare). The predicted speedup of clipped over fixed-step GD, "
             f"{_format(speedup)}, is a ratio of worst-case bounds (about L_max/L0, Zhang et al. "
             "2020, Theorems 3 and 4), not a promise of wall-clock speed."
@@ -279,6 +303,11 @@ def recommend(
             "are uncertain."
         )
 
+    if measured is None and not profile.sgd_family:
+        warnings.append(
+            f"the profiling run trained with {profile.optimizer}: the headline is a step size "
+            f"of plain (S)GD for the measured smoothness, not an lr for {profile.optimizer}."
+        )
     return Recommendations(
         headline=headline,
         rules=tuple(rules),
@@ -287,6 +316,7 @@ def recommend(
         explanation=explanation,
         warnings=tuple(warnings),
         sweep_lrs=sweep_lrs,
+        own_optimizer=own_optimizer,
     )
 
 
@@ -315,6 +345,17 @@ def _measured_headline(
             f"{MEASURED_LR_FACTOR:g} on its lr was measured for unclipped SGD profiles, so the "
             "headline keeps its lr and a clip no looser than its own; profile with plain SGD "
             "without clipping at a modest lr for the measured rule, or try the sweep."
+        )
+    elif profile.lr is not None and not profile.sgd_family:
+        anchor = step = profile.lr
+        how = (
+            f"lr = the profiling run's lr {profile.lr:.3g} for {profile.optimizer}, which the "
+            f"headline keeps: clip the gradient before {profile.optimizer}'s step"
+        )
+        warnings.append(
+            f"the profiling run trained with {profile.optimizer}: the headline keeps its lr for "
+            f"{profile.optimizer}, not as an SGD step size (the rules below are SGD's); the "
+            f"factor {MEASURED_LR_FACTOR:g} on its lr was measured for plain SGD; try the sweep."
         )
     elif profile.lr is not None:
         anchor = step = profile.lr
@@ -364,12 +405,15 @@ def _checked_profile(profile: ProfilingRun | None) -> ProfilingRun:
     return profile
 
 
-def pytorch_snippet(rec: Recommendation, optimizer: str = "SGD") -> str:
+def pytorch_snippet(
+    rec: Recommendation, optimizer: str = "SGD", *, own_optimizer: str | None = None
+) -> str:
     """Python code applying `rec` in a PyTorch training loop (`model` is the user's module).
 
-    It builds torch.optim.<optimizer> with the rule's learning rate and, inside the loop after
-    loss.backward(), clips with torch.nn.utils.clip_grad_norm_ (no clip line when the rule has no
-    threshold) and, for adaptive rules, sets the learning rate from the gradient norm.
+    It builds torch.optim.<optimizer> with the rule's learning rate (or, with ``own_optimizer``,
+    e.g. ``Recommendations.own_optimizer``, keeps the user's optimizer at that lr) and, inside the
+    loop after loss.backward(), clips with torch.nn.utils.clip_grad_norm_ (no clip line when the
+    rule has no threshold) and, for adaptive rules, sets the learning rate from the gradient norm.
     """
     if not (isinstance(optimizer, str) and optimizer.isidentifier()):
         raise ValueError(f"optimizer must be the name of a torch.optim class, got {optimizer!r}")
@@ -380,7 +424,9 @@ def pytorch_snippet(rec: Recommendation, optimizer: str = "SGD") -> str:
         f"# {rec.title}: {rec.source}",
         "import torch",
         "",
-        f"optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})",
+        f"optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})"
+        if own_optimizer is None
+        else f"# keep your {own_optimizer} optimizer (and its schedule) at lr={lr}",
     ]
     in_loop = "# in the training loop, after loss.backward() and before optimizer.step():"
     max_norm = 'float("inf")' if rec.clip_threshold is None else _literal(rec.clip_threshold)

@@ -386,7 +386,7 @@ def report_html(
         f"step size {html.escape(step_size_text(head))} "
         f"({html.escape(head.source)}).</p>",
         f"<p>{html.escape(recs.explanation)}</p>",
-        f"<pre>{html.escape(pytorch_snippet(head))}</pre>",
+        f"<pre>{html.escape(pytorch_snippet(head, own_optimizer=recs.own_optimizer))}</pre>",
         sweep,
         "</div>",
         "<h2>Smoothness against gradient norm (Zhang et al. 2020, Figure 1)</h2>",

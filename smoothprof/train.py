@@ -1,4 +1,5 @@
-"""The training loop that ``smoothprof run`` drives: optimizer, clipping, device, probe, file.
+"""The training loop that ``smoothprof run`` drives: optimizer and LR schedule (the options' or the
+model file's), mixed precision, gradient accumulation, clipping, device, probe, file.
 
 Seeding and order are fixed so that a run with probes and a run without them train bit for bit
 the same on the CPU: the probe batches are drawn, and the probe measures, under a saved RNG state.
@@ -6,6 +7,7 @@ the same on the CPU: the probe batches are drawn, and the probe measures, under 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -19,10 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .choices import OPTIMIZERS
+from .choices import AMP_DTYPES, FILE_OPTIMIZER_OPTIONS, OPTIMIZERS
 from .distributed import Communicator, ShardedLoader, shard_dataloader
 from .errors import ConfigError
-from .loading import ModelFile, check_loss, first_batches, instantiate_model, make_dataloader
+from .loading import (
+    ModelFile,
+    check_loss,
+    first_batches,
+    instantiate_model,
+    instantiate_optimizer,
+    instantiate_scheduler,
+    make_dataloader,
+    step_scheduler,
+)
 from .objective import HVP_METHODS, trainable_parameters
 from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from .schedule import (
@@ -48,6 +59,8 @@ class RunConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     clip: float | None = None
+    amp: str | None = None  # None: float32; "bf16" or "fp16": autocast (fp16 with a GradScaler)
+    accumulate: int = 1  # batches whose gradients add up to one optimizer step
     probe_schedule: str = "auto"
     probe_every: int | None = None
     num_probes: int = DEFAULT_NUM_PROBES
@@ -122,6 +135,10 @@ class RunConfig:
             problems.append(
                 f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
             )
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            problems.append(f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        if not isinstance(self.accumulate, int) or self.accumulate <= 0:
+            problems.append(f"accumulate must be a positive integer, got {self.accumulate!r}")
         unknown = [e for e in self.estimators if e not in ESTIMATORS]
         if unknown or not self.estimators:
             problems.append(
@@ -257,7 +274,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def file_optimizer_conflicts(model_file: ModelFile, given: Mapping[str, Any]) -> ConfigError | None:
+    """The error for options ``given`` (not None) that the file's ``optimizer(parameters)``
+    decides instead (``--optimizer``, ``--lr``); None when there is none."""
+    if model_file.make_optimizer is None:
+        return None
+    flags = ["--" + name for name in FILE_OPTIMIZER_OPTIONS if given.get(name) is not None]
+    if not flags:
+        return None
+    verb = "does" if len(flags) == 1 else "do"
+    return ConfigError(
+        f"{' and '.join(flags)} {verb} not apply: {model_file.path.name} defines "
+        "optimizer(parameters), which chooses the optimizer and its lr; change them there, or "
+        "remove optimizer() to use --optimizer and --lr"
+    )
+
+
 def make_optimizer(config: RunConfig, parameters: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizer that the run options name: sgd, momentum or adam at ``config.lr``."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=config.lr)
     if config.optimizer == "momentum":
@@ -327,6 +361,7 @@ class RunResult:
     final_loss: float = math.nan
     probes: list[ProbeRecord] = field(default_factory=list)
     probes_skipped: int = 0
+    steps_skipped: int = 0  # --amp fp16: steps whose gradient overflowed, so no update was made
     hvp_method: str = ""
     diverged_at: int | None = None
     seconds: float = 0.0
@@ -350,10 +385,75 @@ class PreparedRun:
     optimizer: torch.optim.Optimizer
     comm: Communicator | None = None
     train_model: torch.nn.Module | None = None  # the DDP wrapper that training goes through
+    scheduler: Any = None  # the model file's scheduler(optimizer), stepped once per step
+    scaler: Any = None  # the GradScaler of --amp fp16
+    initial_lr: float | None = None  # param group 0's lr before any schedule: what --lr says
 
     @property
     def world_size(self) -> int:
         return 1 if self.comm is None else self.comm.world_size
+
+    @property
+    def optimizer_from_file(self) -> bool:
+        return self.model_file.make_optimizer is not None
+
+    @property
+    def optimizer_name(self) -> str:
+        """The options' name (sgd, momentum, adam) or the file's optimizer class in lower case
+        (an SGD with momentum is "momentum", as the options name it)."""
+        if not self.optimizer_from_file:
+            return self.config.optimizer
+        if type(self.optimizer) is torch.optim.SGD and self.optimizer.param_groups[0].get(
+            "momentum"
+        ):
+            return "momentum"
+        return type(self.optimizer).__name__.lower()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of a training forward pass (none without ``--amp``); the probe
+        never runs in it."""
+        if self.config.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPE[self.config.amp])
+
+    def recorded_config(self) -> dict[str, Any]:
+        """The run's config as the trajectory file records it: every option, and how the run
+        trained where the model file decided it (optimizer, lr, schedule) or the model's
+        parameters do (the probe's dtype: the probe evaluates without autocast)."""
+        data = {**self.config.as_json(), "world_size": self.world_size}
+        data["optimizer_source"] = "model file" if self.optimizer_from_file else "options"
+        data["scheduler"] = None if self.scheduler is None else type(self.scheduler).__name__
+        if self.optimizer_from_file:
+            group = self.optimizer.param_groups[0]
+            data["optimizer"] = self.optimizer_name
+            data["lr"] = self.initial_lr
+            data["momentum"] = group.get("momentum")
+            data["optimizer_settings"] = {  # the lr is ``lr`` above: the schedule moves it
+                key: _json_value(value)
+                for key, value in group.items()
+                if key not in ("params", "lr", "initial_lr") and _json_value(value) is not None
+            }
+        data["probe_autocast"] = False
+        data["probe_dtype"] = str(self.model_dtype).removeprefix("torch.")
+        return data
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return trainable_parameters(self.model)[0].dtype
+
+
+_AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _json_value(value: Any) -> Any:
+    """A hyperparameter as JSON (numbers, text, flags, tuples of numbers); None if it is not."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+        return list(value)
+    return None
 
 
 def prepare_run(
@@ -381,7 +481,16 @@ def prepare_run(
             move_to_device(b, device) for b in first_batches(model_file, config.probe_batches)
         ]
         check_loss(model_file, model, probe_batches[0])
-    optimizer = make_optimizer(config, trainable_parameters(model))
+    parameters = trainable_parameters(model)
+    if model_file.make_optimizer is not None:
+        optimizer = instantiate_optimizer(model_file, parameters)
+    else:
+        optimizer = make_optimizer(config, parameters)
+    initial_lr = float(optimizer.param_groups[0]["lr"])
+    scheduler = None
+    if model_file.make_scheduler is not None:
+        scheduler = instantiate_scheduler(model_file, optimizer)
+    scaler = make_grad_scaler(config, device)
     train_model = model
     if comm is not None:
         from torch.nn.parallel import DistributedDataParallel
@@ -395,8 +504,32 @@ def prepare_run(
         # one big batch would; the model is built and the data split alike on every rank.
         seed_everything(config.seed + comm.rank)
     return PreparedRun(
-        model_file, config, device, model, loader, probe_batches, optimizer, comm, train_model
+        model_file,
+        config,
+        device,
+        model,
+        loader,
+        probe_batches,
+        optimizer,
+        comm,
+        train_model,
+        scheduler=scheduler,
+        scaler=scaler,
+        initial_lr=initial_lr,
     )
+
+
+def make_grad_scaler(config: RunConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """The GradScaler of ``--amp fp16`` (None otherwise); ConfigError where this torch cannot
+    autocast float16 on the device."""
+    if config.amp != "fp16":
+        return None
+    if not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"--amp fp16: torch {torch.__version__} has no autocast on {device}")
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(f"--amp fp16 needs a GradScaler on {device}: {error}") from None
 
 
 def train(
@@ -412,8 +545,13 @@ def train(
     ``on_probe``, ``on_train_row`` and ``on_step`` get each probe record, training row and
     step as it is done; ``on_probe_hvp(step, count)`` each Hessian-vector product of a probe.
 
+    Each step adds up the gradients of ``config.accumulate`` batches, under autocast with
+    ``config.amp``, and makes one optimizer step, then one step of the file's scheduler; the
+    probe measures before the step's first batch, outside autocast.
+
     Stops early, with ``diverged_at`` set, at the first non-finite loss or gradient norm (that
-    step is recorded, no update is made).
+    step is recorded, no update is made); under ``--amp fp16`` a non-finite gradient is the
+    GradScaler's to skip (``skipped`` in the row), and only a non-finite loss stops the run.
     """
     config, model, model_file = run.config, run.model, run.model_file
     train_model = run.train_model if run.train_model is not None else model
@@ -443,31 +581,36 @@ def train(
     started = time.perf_counter()
     batches = _cycle(model_file, run.loader)
     for step in range(config.steps):
-        batch = move_to_device(next(batches), run.device)
         probed = probe.is_due(step)
-        if probed:
+        if probed:  # outside autocast: the probe measures the model's own dtype
             probe.before_step(step)
         run.optimizer.zero_grad(set_to_none=True)
-        loss_tensor = model_file.call_loss(train_model, batch)
-        model_file.backward(loss_tensor)
-        loss = float(loss_tensor.detach())
+        loss = _accumulate_gradients(run, train_model, batches)
         if run.comm is not None:  # the global minibatch loss: the mean over the ranks
             loss = run.comm.sum_floats(loss)[0] / run.comm.world_size
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)  # the norm and the clip of the true gradient
         norm = gradient_norm(parameters, config.clip)  # DDP averaged the gradients: global
-        finite = math.isfinite(loss) and math.isfinite(norm)
+        lr = run.optimizer.param_groups[0]["lr"]  # the lr of this step, before the schedule moves
+        finite = math.isfinite(loss) and (math.isfinite(norm) or run.scaler is not None)
+        skipped = False
         if finite:
-            run.optimizer.step()
-        record = probe.after_step(update_made=finite) if probed else None
+            skipped = _optimizer_step(run)
+            if run.scheduler is not None and not skipped:
+                step_scheduler(model_file, run.scheduler, loss)
+        record = probe.after_step(update_made=finite and not skipped) if probed else None
         row = {
             "step": step,
             "loss": loss,
             "grad_norm": norm,
-            "lr": run.optimizer.param_groups[0]["lr"],
-            "clipped": config.clip is not None and norm > config.clip,
+            "lr": lr,
+            "clipped": config.clip is not None and not skipped and norm > config.clip,
+            "skipped": skipped,
         }
         if on_train_row is not None:
             on_train_row(row)
         result.steps_done = step + 1
+        result.steps_skipped += skipped
         result.final_loss = loss
         if record is not None:
             result.probes.append(record)
@@ -482,6 +625,50 @@ def train(
     result.probes_skipped = probe.skipped
     result.hvp_method = probe.hvp_method
     return result
+
+
+def _accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batches: Any) -> float:
+    """The gradients of ``config.accumulate`` batches, added up in ``.grad`` (each loss divided
+    by their number, and scaled under ``--amp fp16``); returns the mean of their losses.
+
+    In a data-parallel run the gradients are averaged over the ranks at the last batch only."""
+    model_file, count = run.model_file, run.config.accumulate
+    losses = []
+    for index in range(count):
+        batch = move_to_device(next(batches), run.device)
+        last = index == count - 1
+        syncing = last or not hasattr(train_model, "no_sync")
+        with contextlib.nullcontext() if syncing else train_model.no_sync():
+            with run.autocast():
+                loss_tensor = model_file.call_loss(train_model, batch)
+            model_file.backward(loss_tensor, _backward_scaling(run))
+        losses.append(float(loss_tensor.detach()))
+    return losses[0] if count == 1 else math.fsum(losses) / count
+
+
+def _backward_scaling(run: PreparedRun) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What multiplies each loss before its backward pass: 1/accumulate and the fp16 scale."""
+    count, scaler = run.config.accumulate, run.scaler
+    if count == 1 and scaler is None:
+        return None
+
+    def scaled(loss: torch.Tensor) -> torch.Tensor:
+        loss = loss / count if count > 1 else loss
+        return scaler.scale(loss) if scaler is not None else loss
+
+    return scaled
+
+
+def _optimizer_step(run: PreparedRun) -> bool:
+    """Step the optimizer (through the GradScaler under ``--amp fp16``); True when the scaler
+    skipped the step because the gradient overflowed (then the parameters did not move)."""
+    if run.scaler is None:
+        run.optimizer.step()
+        return False
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return run.scaler.get_scale() < scale
 
 
 def save_state_dict(model: torch.nn.Module, path: str | Path) -> None:

@@ -72,6 +72,7 @@ TRAIN_COLUMNS: dict[str, type] = {
     "grad_norm": np.float64,
     "lr": np.float64,
     "clipped": np.uint8,
+    "skipped": np.uint8,  # --amp fp16: the GradScaler skipped the update (gradient overflow)
 }
 REQUIRED_PROBE_COLUMNS = ("step", "loss", "grad_norm", "smoothness_fd", "hessian_norm")
 GROUPS = {"probes": PROBE_COLUMNS, "train": TRAIN_COLUMNS}

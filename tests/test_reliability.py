@@ -312,7 +312,16 @@ BROKEN_MODEL_FILES = {  # asset -> (the line says, the run got far enough to wri
     "broken_no_trainable_params.py": ("no parameters with requires_grad=True", False),
     "broken_one_shot_generator.py": (r"dataloader\(\) returned a one-shot iterator \(a "
                                      r"generator\).* exhausted after 4 batches at step 4", True),
+    "broken_optimizer_and_defaults_lr.py": (r"defaults sets lr, which optimizer\(parameters\) "
+                                            "decides", False),
+    "broken_optimizer_foreign_params.py": ("not the model's trainable parameters", False),
+    "broken_optimizer_not_optimizer.py": ("returned a dict, not a torch.optim.Optimizer", False),
+    "broken_optimizer_raises.py": (r"optimizer\(parameters\) raised TypeError", False),
+    "broken_scheduler_not_scheduler.py": ("returned a float, not an LR scheduler", False),
+    "broken_scheduler_other_optimizer.py": ("a scheduler of another optimizer", False),
+    "broken_scheduler_raises.py": (r"scheduler\(optimizer\) raised TypeError", False),
     "broken_syntax.py": (r"line \d+: syntax error", False),
+    "broken_unknown_output.py": ("the default loss got a Prediction from model", False),
     "not_python.txt": ("not a Python file", False),
     "missing.py": ("no such file", False),
     ".": ("is a directory", False),
@@ -528,8 +537,11 @@ any_array = st.sampled_from(DTYPES).flatmap(
         dtype, hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=6)
     )
 )
-# HDF5 stores no string with a NUL in it: arbitrary text, but text a file can hold.
-storable_text = st.text(st.characters(exclude_characters="\x00"), max_size=8)
+# HDF5 stores no string with a NUL in it, and h5py no lone surrogate (not UTF-8): arbitrary
+# text, but text a file can hold.
+storable_text = st.text(
+    st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=8
+)
 attribute_values = st.one_of(
     st.integers(-(2**63), 2**63 - 1), st.floats(), storable_text, st.just(FORMAT_VERSION),
     hnp.arrays(np.int64, st.integers(0, 3)),

@@ -68,7 +68,10 @@ def profile(tmp_path, monkeypatch):
     shutil.copy(ASSETS / "good_minimal.py", model_file)
     config = RunConfig(lr=PROFILE_LR, **{name: value for name, (value, _) in PROFILE.items()})
     attributes = {
-        "config": {**config.as_json(), "world_size": 1},
+        "config": {
+            **config.as_json(), "world_size": 1, "optimizer_source": "options",
+            "scheduler": None, "probe_autocast": False, "probe_dtype": "float32",
+        },  # fmt: skip  (what `smoothprof run` records, PreparedRun.recorded_config)
         "model_file": str(model_file),
         "world_size": 1,
     }
