@@ -319,7 +319,11 @@ def run(
     ] = None,
     probe_batches: Annotated[
         int | None,
-        typer.Option(min=1, help="Fixed batches the probe measures on [default: 4]."),
+        typer.Option(
+            min=1,
+            help="Fixed batches the probe measures on [default: by the model's size: 4 below 1M "
+            "trainable parameters, 2 below 10M, else 1].",
+        ),
     ] = None,
     estimators: Annotated[
         str | None,
@@ -475,8 +479,13 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
             else ""
         )
         + (f", {config.accumulate} batches per step" if config.accumulate > 1 else "")
-        + f", {_schedule_text(config)} on {plural(len(prepared.probe_batches), 'batch')}, "
-        f"device {prepared.device}{processes}",
+        + f", {_schedule_text(config)} on {plural(len(prepared.probe_batches), 'batch')}"
+        + (
+            " (chosen for the model's size; --probe-batches sets it)"
+            if prepared.probe_batches_by_size
+            else ""
+        )
+        + f", device {prepared.device}{processes}",
         markup=False,
     )
     if config.overhead_cap is not None and config.probe_every != 0:

@@ -68,7 +68,7 @@ class RunConfig:
     max_overhead: float | None = None
     hvp_method: str = "auto"
     retain_graphs: bool | None = None
-    probe_batches: int = 4
+    probe_batches: int | None = None  # None: by the model's size (default_probe_batches)
     estimators: tuple[str, ...] = ESTIMATORS
     fd_points: tuple[float, ...] = (0.5,)
     probe_mode: str = "train"
@@ -167,14 +167,16 @@ class RunConfig:
             problems.append(
                 f"hvp_method must be one of auto, {', '.join(HVP_METHODS)}, got {self.hvp_method!r}"
             )
-        if not isinstance(self.probe_batches, int) or self.probe_batches <= 0:
+        if self.probe_batches is not None and (
+            not isinstance(self.probe_batches, int) or self.probe_batches <= 0
+        ):
             problems.append(f"probe_batches must be a positive integer, got {self.probe_batches!r}")
         elif (
             check_conflicts
             and self.hvp_method == "retained"
             and (
                 self.retain_graphs is False
-                or (self.retain_graphs is None and self.probe_batches > 1)
+                or (self.retain_graphs is None and (self.probe_batches or 1) > 1)
             )
         ):
             problems.append(
@@ -239,6 +241,20 @@ def _resolved_schedule(values: Mapping[str, Any]) -> dict[str, Any]:
     if schedule == "every" and every is None:
         return {"probe_schedule": schedule, "probe_every": DEFAULT_PROBE_EVERY}
     return {"probe_schedule": schedule}
+
+
+PROBE_BATCHES_BY_SIZE = ((1_000_000, 4), (10_000_000, 2))
+"""The default number of probe batches: 4 below 1M trainable parameters, 2 below 10M, else 1.
+Every probe batch multiplies a probe's cost (each HVP runs over all of them), and on a CPU a
+probe of four batches of a 5M-parameter ResNet took the time of 124 training steps."""
+
+
+def default_probe_batches(num_parameters: int) -> int:
+    """The probe batches of a run that does not choose them, by the model's trainable size."""
+    for below, count in PROBE_BATCHES_BY_SIZE:
+        if num_parameters < below:
+            return count
+    return 1
 
 
 def _positive(value: Any) -> bool:
@@ -388,6 +404,7 @@ class PreparedRun:
     scheduler: Any = None  # the model file's scheduler(optimizer), stepped once per step
     scaler: Any = None  # the GradScaler of --amp fp16
     initial_lr: float | None = None  # param group 0's lr before any schedule: what --lr says
+    probe_batches_by_size: bool = False  # config.probe_batches chosen by default_probe_batches
 
     @property
     def world_size(self) -> int:
@@ -419,8 +436,10 @@ class PreparedRun:
     def recorded_config(self) -> dict[str, Any]:
         """The run's config as the trajectory file records it: every option, and how the run
         trained where the model file decided it (optimizer, lr, schedule) or the model's
-        parameters do (the probe's dtype: the probe evaluates without autocast)."""
+        parameters do (the probe's dtype: the probe evaluates without autocast; the number of
+        probe batches when no option chose it)."""
         data = {**self.config.as_json(), "world_size": self.world_size}
+        data["probe_batches_by_size"] = self.probe_batches_by_size
         data["optimizer_source"] = "model file" if self.optimizer_from_file else "options"
         data["scheduler"] = None if self.scheduler is None else type(self.scheduler).__name__
         if self.optimizer_from_file:
@@ -474,6 +493,11 @@ def prepare_run(
     seed_everything(config.seed)
     model = instantiate_model(model_file).to(device)
     model.train()
+    by_size = config.probe_batches is None
+    if by_size:  # by the model's size; the run's header says so
+        num_parameters = sum(p.numel() for p in trainable_parameters(model))
+        config = dataclasses.replace(config, probe_batches=default_probe_batches(num_parameters))
+        config.validate()
     loader = make_dataloader(model_file)
     with unchanged_model_state(model, device):
         seed_everything(config.seed)
@@ -516,6 +540,7 @@ def prepare_run(
         scheduler=scheduler,
         scaler=scaler,
         initial_lr=initial_lr,
+        probe_batches_by_size=by_size,
     )
 
 

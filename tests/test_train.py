@@ -246,3 +246,36 @@ def test_a_one_shot_dataloader_is_named_at_its_second_pass(tmp_path, kind):
         "be iterated twice; it was exhausted after 4 batches at step 4; return a re-iterable "
         "(a DataLoader, a list, or a class with __iter__) instead"
     )
+
+
+WIDE_MODEL = """
+import torch
+from torch import nn
+
+def model():
+    return nn.Linear(WIDTH, 3)
+
+def dataloader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, WIDTH, generator=g)
+    return [(x[i : i + 8], torch.randint(0, 3, (8,), generator=g)) for i in range(0, 64, 8)]
+"""
+
+
+@pytest.mark.parametrize(
+    ("width", "given", "expected", "by_size"),
+    [(100, None, 4, True), (400_000, None, 2, True), (400_000, 3, 3, False)],
+)
+def test_probe_batches_by_the_models_size_unless_given(tmp_path, width, given, expected, by_size):
+    from smoothprof.train import default_probe_batches
+
+    assert [default_probe_batches(n) for n in (10, 999_999, 10**6, 10**7 - 1, 10**7)] == [
+        4, 4, 2, 2, 1,
+    ]  # fmt: skip
+    path = tmp_path / "wide.py"
+    path.write_text(WIDE_MODEL.replace("WIDTH", str(width)))
+    spec = load_model_file(path)
+    prepared = prepare_run(spec, RunConfig.from_options({}, {"probe_batches": given}))
+    assert prepared.config.probe_batches == expected == len(prepared.probe_batches)
+    assert prepared.probe_batches_by_size is by_size
+    assert prepared.recorded_config()["probe_batches_by_size"] is by_size
