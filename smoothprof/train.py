@@ -176,7 +176,8 @@ class RunConfig:
             and self.hvp_method == "retained"
             and (
                 self.retain_graphs is False
-                or (self.retain_graphs is None and (self.probe_batches or 1) > 1)
+                # by the model's size, probe_batches may be several: ask for one or allow them
+                or (self.retain_graphs is None and (self.probe_batches or 2) > 1)
             )
         ):
             problems.append(
