@@ -19,6 +19,11 @@ Prints four tables:
    60 steps and over all 300.
 4. Overhead: wall time of each sample model's run at its defaults, with probes and with
    ``--probe-every 0``, and their ratio (medians of 3 interleaved rounds).
+5. Real models (``--tables real``; the sample models that need ``transformers``, ``timm`` or
+   ``torchvision``, each skipped with the reason when its package does not import): a short run
+   at the tool's defaults but for its length, with the HVP method the probe chose, the probe
+   batches chosen for the model's size, the mean HVPs per probe, and a probe's time in gradient
+   evaluations (its seconds over a training step's, the step being one gradient and one update).
 
 Ratios, not seconds, are the figures to compare: they are measured in one process on one
 machine, which the header states.
@@ -284,14 +289,20 @@ def warm_start(quick: bool) -> list[list[str]]:
     return rows
 
 
+REAL_MODELS = ("gpt2_bytes.py", "timm_resnet.py", "mobilenet_small.py")
+"""Sample models of packages users train with: optional extras, not in the other tables."""
+
+
 def overhead(quick: bool) -> list[list[str]]:
     """Each sample model at its defaults without probes, with probes at its own schedule, and
-    with smoothprof's default overhead cap (0.25) on top of that schedule; the three runs
-    interleaved and repeated (3 rounds, the median of each), as wall times on a shared machine
-    drift by tens of percent between minutes."""
+    with an overhead budget of 0.25 (``--max-overhead``, opt-in) on top of that schedule; the
+    three runs interleaved and repeated (3 rounds, the median of each), as wall times on a
+    shared machine drift by tens of percent between minutes."""
     rows = []
     rounds = 1 if quick else 3
     for path in sorted((REPO / "sample_models").glob("*.py")):
+        if path.name in REAL_MODELS:
+            continue
         spec = load_model_file(path)
         seconds: dict[str, list[float]] = {"off": [], "own": [], "capped": []}
         probes: dict[str, int] = {}
@@ -314,6 +325,48 @@ def overhead(quick: bool) -> list[list[str]]:
     return rows
 
 
+def real_models(quick: bool) -> list[list[str]]:
+    """Each real sample model for a short run at the tool's defaults (the schedule's probes, the
+    probe batches chosen for the model's size, the first HVP method that works)."""
+    from smoothprof.cost import ProbingCost, probe_work
+    from smoothprof.errors import ModelFileError
+
+    rows = []
+    steps, num_probes = (10, 3) if quick else (40, 6)
+    for name in REAL_MODELS:
+        path = REPO / "sample_models" / name
+        if not path.exists():
+            rows.append([name, "-", "missing", "", "", "", "", ""])
+            continue
+        try:
+            spec = load_model_file(path)
+        except ModelFileError as error:  # its package is not installed here
+            rows.append([name, "-", f"skipped: {error}".split(";")[0][:60], "", "", "", "", ""])
+            continue
+        config = RunConfig.from_options({}, {"steps": steps, "num_probes": num_probes})
+        prepared = prepare_run(spec, config)
+        num_parameters = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+        result = train(prepared)
+        records = result.probes
+        work = probe_work(
+            [r.hvp_count for r in records],
+            num_batches=len(prepared.probe_batches),
+            estimators=config.estimators,
+            num_fd_points=len(config.fd_points),
+        )
+        cost = ProbingCost(len(records), result.probe_seconds, result.seconds, steps, work)
+        warm = [r.seconds for r in records[1:]]
+        step_seconds = (result.seconds - result.probe_seconds) / steps
+        rows.append([
+            name, f"{num_parameters:,}", result.hvp_method,
+            str(len(prepared.probe_batches)), f"{work.hvps:.1f}",
+            f"{records[0].seconds / step_seconds:.0f}",
+            f"{statistics.median(warm) / step_seconds:.0f}" if warm else "-",
+            f"{cost.share:.0%}",
+        ])  # fmt: skip
+    return rows
+
+
 def table(title: str, header: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
@@ -332,8 +385,8 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument(
         "--tables",
-        default="hvp,eigen,warm,overhead",
-        help="which tables to print, comma-separated (default: all four)",
+        default="hvp,eigen,warm,overhead,real",
+        help="which tables to print, comma-separated (default: all five)",
     )
     args = parser.parse_args()
     chosen = set(args.tables.split(","))
@@ -369,6 +422,13 @@ def main() -> None:
             ["model file", "no probes s", "own schedule", "probes", "with --max-overhead 0.25",
              "probes"],
             overhead(args.quick), args.markdown,
+        ))  # fmt: skip
+    if "real" in chosen:
+        print(table(
+            "Real models at the tool's defaults (short runs): a probe in gradient evaluations",
+            ["model file", "parameters", "HVP method", "probe batches", "HVPs per probe",
+             "first probe, gradients", "warm probe, gradients", "probing share"],
+            real_models(args.quick), args.markdown,
         ))  # fmt: skip
 
 
