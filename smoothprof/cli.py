@@ -322,7 +322,7 @@ def run(
         typer.Option(
             min=1,
             help="Fixed batches the probe measures on [default: by the model's size: 4 below 1M "
-            "trainable parameters, 2 below 10M, else 1].",
+            "trainable parameters, else 1].",
         ),
     ] = None,
     estimators: Annotated[

@@ -264,14 +264,12 @@ def dataloader():
 
 @pytest.mark.parametrize(
     ("width", "given", "expected", "by_size"),
-    [(100, None, 4, True), (400_000, None, 2, True), (400_000, 3, 3, False)],
+    [(100, None, 4, True), (400_000, None, 1, True), (400_000, 3, 3, False)],
 )
 def test_probe_batches_by_the_models_size_unless_given(tmp_path, width, given, expected, by_size):
     from smoothprof.train import default_probe_batches
 
-    assert [default_probe_batches(n) for n in (10, 999_999, 10**6, 10**7 - 1, 10**7)] == [
-        4, 4, 2, 2, 1,
-    ]  # fmt: skip
+    assert [default_probe_batches(n) for n in (10, 999_999, 10**6, 10**8)] == [4, 4, 1, 1]
     path = tmp_path / "wide.py"
     path.write_text(WIDE_MODEL.replace("WIDTH", str(width)))
     spec = load_model_file(path)
