@@ -3,7 +3,7 @@
 What it is
 ----------
 The model is ``transformers``' ``GPT2LMHeadModel`` built from a ``GPT2Config`` (``N_LAYER = 2``
-blocks, ``N_HEAD = 4`` heads, width ``N_EMBD = 128``, a context of ``SEQ_LEN = 64``): nothing is
+blocks, ``N_HEAD = 4`` heads, width ``N_EMBD = 64``, a context of ``SEQ_LEN = 32``): nothing is
 downloaded, ``from_pretrained`` is never called, and the weights start from GPT-2's own random
 initialization (seeded by the run). The vocabulary is the 256 byte values, so no tokenizer is
 needed either. Dropout is off (the probe would hold its masks fixed, but a model this small on
@@ -24,13 +24,19 @@ its first line with smoothprof's one-line error naming the missing module.
 
 What to expect
 --------------
-The ``defaults`` below train with Adam at lr 3e-3 for 300 steps of 16 x 64 bytes, with
-smoothprof's default schedule of 30 probes spread over the run on 4 probe batches. The probe
-loss falls from ~5.6 (chance) to ~2.6 by step 100 and ~2.2 by step 300 (the model learns
-indentation, keywords and common identifiers). The whole run took about 4 minutes on two
-shared CPU cores, most of it in the probes (a few seconds of Lanczos each); ``--probe-batches 1``
-or ``--num-probes 10`` make it several times cheaper. Adam's preconditioned sharpness is
-measured too, so ``smoothprof fit`` shows it against Adam's stability threshold 38/lr.
+The model has 118,528 parameters. The ``defaults`` below train with Adam at lr 3e-3 for 300 steps
+of 16 x 32 bytes, with smoothprof's own default schedule: 30 probes spread over the run, each on 4
+probe batches. Measured once on two CPU cores shared with other work: the run took 7.5 minutes, of
+which the training was about 20 s and the probes 96% (2 gradients and ~23 Hessian-vector products
+each); ``--num-probes 10 --probe-batches 1`` makes it several times cheaper. The probe loss falls
+from 5.38 (chance is log 256 = 5.55) to 3.1 by step 40, where the model has learned the byte
+frequencies and pauses, then to 2.5 by step 300 as it learns indentation and keywords. The
+gradient norm falls from 4.2 to ~0.4 within 30 steps and stays there; the Hessian norm is 65 at
+the initialization, 4 to 65 afterwards and ~7 at the end, all 30 certified. ``smoothprof fit``
+finds a weak relation (Spearman log-log 0.25; L0 ~ 46, L1 ~ 4.5): with Adam the gradient norm
+hardly moves after the first steps. Adam's preconditioned sharpness (from step 1; ~1,000 to
+3,000 late in the run) stays far below Adam's stability threshold 38/lr = 12,667 (a late ratio
+of 0.14): at this lr Adam is not at its edge of stability.
 
 ``gpt2_bytes_adamw.py`` trains the same model on the same data as language models are trained:
 AdamW with weight decay 0.1, a linear warmup and a cosine decay.
