@@ -19,11 +19,14 @@ Without it the file stops at its first import with smoothprof's one-line error.
 
 What to expect
 --------------
-Each training step is a forward and backward pass through 1.5M parameters, cheaper than
-``timm_resnet.py`` per step but with a deeper graph; the figures of a short run
-(``--steps 20 --num-probes 3``) on two shared CPU cores are in sample_models/README.md. The
-tool's full default run (30 probes over 300 steps on 4 batches) takes many minutes here;
-``--num-probes 10 --probe-batches 1`` makes it a few.
+Each training step is a forward and backward pass through 1.5M parameters. Measured once on two
+CPU cores shared with other work (synthetic digits), with ``--steps 20 --num-probes 3``: at the
+``defaults``' lr (momentum SGD at 0.05) the minibatch loss only began to fall (2.31 to 2.05);
+the probes at steps 0, 1 and 19 found gradient norms 0.56, 0.58 and 4.3 and Hessian norms 66,
+72 and 1,800 (the sharpness grows quickly as training starts), all certified, and took 20 s to
+3 min each (99% of the 4-minute run); ``smoothprof fit`` fits them. The tool's full default
+run (30 probes over 300 steps on 4 batches) takes tens of minutes here;
+``--num-probes 10 --probe-batches 1`` keeps it to a few.
 
     smoothprof run sample_models/mobilenet_small.py --num-probes 10 --probe-batches 1 -o mb.h5
     smoothprof fit mb.h5

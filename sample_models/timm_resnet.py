@@ -18,11 +18,14 @@ smoothprof's one-line error naming the missing module.
 What to expect
 --------------
 This is the costly sample: each training step is a forward and backward pass through 4.9M
-parameters, and each Hessian-vector product of the probe costs about two more. Measured on two
-shared CPU cores with ``--steps 20 --num-probes 3`` (see sample_models/README.md for the
-figures), the probe loss falls from chance (2.3) within the first steps at the ``defaults``'
-lr. The tool's full default run (30 probes over 300 steps on 4 batches) takes tens of minutes
-here; ``--num-probes 10 --probe-batches 1`` keeps it to a few minutes.
+parameters, and each Hessian-vector product of the probe costs about two more. Measured once on
+two CPU cores shared with other work (synthetic digits, scikit-learn not installed), with
+``--steps 20 --num-probes 3``: the minibatch loss fell from 2.30 to 0.45 at the ``defaults``' lr
+(momentum SGD at 0.05); the probes at steps 0, 1 and 19 found gradient norms 5.0, 5.3 and 2.8
+and Hessian norms 246, 791 and 43, all certified with 6 to 11 Hessian-vector products, and took
+60 to 100 s each (95% of the 4-minute run); ``smoothprof fit`` fits them. The tool's full
+default run (30 probes over 300 steps on 4 batches) takes tens of minutes here;
+``--num-probes 10 --probe-batches 1`` keeps it to a few.
 
     smoothprof run sample_models/timm_resnet.py --num-probes 10 --probe-batches 1 -o timm.h5
     smoothprof fit timm.h5
