@@ -26,8 +26,8 @@ With ``defaults`` (300 steps, smoothprof's default 30 probes spread over the run
 the run costs about what ``gpt2_bytes.py``'s does, nearly all of it in the probes. Measured once
 on two shared CPU cores with ``--num-probes 10 --probe-batches 1``: 17 s in all. ``train/lr``
 rises from 1e-4 at step 0 to 3e-3 at step 29, is 1.65e-3 at step 165 and 3e-4 at step 299; the
-probe loss falls from 5.34 to 3.0 by step 45 and 2.36 at step 299 (below the constant-lr Adam
-run's 2.5: the decay helps at the end). ``smoothprof fit`` finds Spearman log-log 0.68 with
+probe loss (on its one batch) falls from 5.34 to 3.0 by step 45 and 2.36 at step 299.
+``smoothprof fit`` finds Spearman log-log 0.68 with
 L0 ~ 15, L1 ~ 13; Adam's preconditioned sharpness late in the run is 0.07 of its threshold
 38/lr.
 
