@@ -61,7 +61,9 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 def model_output_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     """The default loss of a model's ``output`` for ``targets``.
 
-    A tensor is the logits: ``cross_entropy(output, targets)``. An output that carries a loss
+    A tensor is the logits: ``cross_entropy(output, targets)``; logits of shape (B, T, V) for
+    targets (B, T), a sequence model's, are the cross entropy of every position (see
+    ``logits_cross_entropy``). An output that carries a loss
     (``output.loss``, ``output["loss"]``, as ``transformers``' ModelOutput when the model was given
     labels) is that loss; one that carries logits (``.logits``, ``["logits"]``), or a tuple or list
     whose first element is a tensor, gives the cross entropy of those logits. Anything else is a
@@ -74,7 +76,7 @@ def model_output_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     True
     """
     if isinstance(output, torch.Tensor):
-        return F.cross_entropy(output, targets)
+        return logits_cross_entropy(output, targets)
     loss = _own_loss(output)
     if loss is not None:
         return loss
@@ -82,12 +84,34 @@ def model_output_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     if logits is None and isinstance(output, (tuple, list)) and output:
         logits = output[0] if isinstance(output[0], torch.Tensor) else None
     if isinstance(logits, torch.Tensor):
-        return F.cross_entropy(logits, targets)
+        return logits_cross_entropy(logits, targets)
     raise TypeError(
         f"the default loss got {_describe_output(output)} from model(x): not a tensor of logits, "
         "a tuple whose first element is the logits, nor an output with a loss or logits "
         "(.loss, ['loss'], .logits, ['logits']); define loss(model, batch) in the model file"
     )
+
+
+def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``cross_entropy(logits, targets)``, with the classes last for a sequence model.
+
+    ``F.cross_entropy`` wants the class dimension second ((B, V, T) for targets (B, T)), but a
+    language model returns (B, T, V): such logits, with targets of shape (B, T), are flattened to
+    (B·T, V) and (B·T,), the mean over every position. When T == V the shapes cannot tell the
+    two layouts apart, and PyTorch's (classes second) applies.
+
+    >>> logits = torch.zeros(2, 5, 3)  # batch 2, 5 positions, 3 classes
+    >>> round(float(logits_cross_entropy(logits, torch.zeros(2, 5, dtype=torch.long))), 4)  # log 3
+    1.0986
+    """
+    if (
+        logits.dim() == 3
+        and targets.dim() == 2
+        and logits.shape[:2] == targets.shape
+        and logits.shape[1] != logits.shape[2]
+    ):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(logits, targets)
 
 
 def _field(output: Any, name: str) -> Any:

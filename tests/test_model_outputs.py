@@ -148,3 +148,44 @@ def test_an_unknown_output_stops_the_run_in_one_line(tmp_path):
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: ") and "the default loss raised TypeError" in line
     assert "Prediction" in line and not (tmp_path / "x.h5").exists()
+
+
+class SequenceModel(nn.Module):
+    """ids (B, T) -> logits (B, T, V), as a language model returns them (classes last)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, vocab)
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+@pytest.mark.parametrize("wrap", [lambda t: t, lambda t: (t, "state"), lambda t: {"logits": t}])
+def test_sequence_logits_classes_last_give_the_mean_over_every_position(wrap):
+    torch.manual_seed(0)
+    model = SequenceModel(vocab=7)
+    ids, targets = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    logits = model.embed(ids)
+    expected = F.cross_entropy(logits.reshape(15, 7), targets.reshape(15))
+    assert torch.equal(default_loss(OutputOf(model, wrap), (ids, targets)), expected)
+    # Classes second, as cross_entropy wants them, is unchanged; so is the ambiguous T == V.
+    assert torch.equal(
+        default_loss(OutputOf(model, lambda t: t.transpose(1, 2)), (ids, targets)),
+        expected,
+    )
+    square_targets = torch.randint(0, 7, (3, 7))
+    square = torch.randn(3, 7, 7)
+    assert torch.equal(
+        default_loss(OutputOf(lambda _: square, wrap), (ids, square_targets)),
+        F.cross_entropy(square, square_targets),
+    )
+
+
+class OutputOf(nn.Module):
+    def __init__(self, inner, wrap):
+        super().__init__()
+        self.inner, self.wrap = inner, wrap
+
+    def forward(self, x):
+        return self.wrap(self.inner(x))
