@@ -289,7 +289,7 @@ def warm_start(quick: bool) -> list[list[str]]:
     return rows
 
 
-REAL_MODELS = ("gpt2_bytes.py", "timm_resnet.py", "mobilenet_small.py")
+REAL_MODELS = ("gpt2_bytes.py", "gpt2_bytes_adamw.py", "timm_resnet.py", "mobilenet_small.py")
 """Sample models of packages users train with: optional extras, not in the other tables."""
 
 
