@@ -32,9 +32,8 @@ run (30 probes over 300 steps on 4 batches) takes tens of minutes here;
     smoothprof fit mb.h5
 """
 
-import torch
 import torchvision
-from resnet_digits import dataloader as digits_dataloader
+from resnet_digits import UpscaledDigits
 from torch import nn
 
 SIZE = 32  # pixels per side after upscaling: MobileNet's five halvings leave 1x1
@@ -47,22 +46,5 @@ def model() -> nn.Module:
     return torchvision.models.mobilenet_v3_small(num_classes=NUM_CLASSES)
 
 
-def to_colour(images: torch.Tensor) -> torch.Tensor:
-    """(n, 1, 8, 8) digits -> (n, 3, SIZE, SIZE): bilinear upscaling, the grey copied thrice."""
-    large = nn.functional.interpolate(images, size=(SIZE, SIZE), mode="bilinear")
-    return large.expand(-1, 3, -1, -1).contiguous()
-
-
-class UpscaledDigits:
-    """The batches of ``resnet_digits.dataloader()``, their images upscaled; re-iterable."""
-
-    def __init__(self) -> None:
-        self.digits = digits_dataloader()
-
-    def __iter__(self):
-        for images, labels in self.digits:
-            yield to_colour(images), labels
-
-
 def dataloader() -> UpscaledDigits:
-    return UpscaledDigits()
+    return UpscaledDigits(SIZE)

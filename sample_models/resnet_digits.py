@@ -211,3 +211,18 @@ def dataloader() -> DataLoader:
         print(f"resnet_digits: {note}", file=sys.stderr)
         _announced = True
     return DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True, drop_last=True)
+
+
+class UpscaledDigits:
+    """The batches of ``dataloader()`` with their images upscaled to (3, size, size): bilinear,
+    the grey copied into three channels, for image networks made for colour (the timm and
+    torchvision samples); re-iterable, as ``dataloader()`` is."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.digits = dataloader()
+
+    def __iter__(self):
+        for images, labels in self.digits:
+            large = nn.functional.interpolate(images, size=(self.size, self.size), mode="bilinear")
+            yield large.expand(-1, 3, -1, -1).contiguous(), labels

@@ -32,8 +32,7 @@ default run (30 probes over 300 steps on 4 batches) takes tens of minutes here;
 """
 
 import timm
-import torch
-from resnet_digits import dataloader as digits_dataloader
+from resnet_digits import UpscaledDigits
 from torch import nn
 
 SIZE = 32  # pixels per side after upscaling: small, so that the 4.9M-parameter net stays cheap
@@ -46,22 +45,5 @@ def model() -> nn.Module:
     return timm.create_model("resnet10t", pretrained=False, num_classes=NUM_CLASSES)
 
 
-def to_colour(images: torch.Tensor) -> torch.Tensor:
-    """(n, 1, 8, 8) digits -> (n, 3, SIZE, SIZE): bilinear upscaling, the grey copied thrice."""
-    large = nn.functional.interpolate(images, size=(SIZE, SIZE), mode="bilinear")
-    return large.expand(-1, 3, -1, -1).contiguous()
-
-
-class UpscaledDigits:
-    """The batches of ``resnet_digits.dataloader()``, their images upscaled; re-iterable."""
-
-    def __init__(self) -> None:
-        self.digits = digits_dataloader()
-
-    def __iter__(self):
-        for images, labels in self.digits:
-            yield to_colour(images), labels
-
-
 def dataloader() -> UpscaledDigits:
-    return UpscaledDigits()
+    return UpscaledDigits(SIZE)
