@@ -328,7 +328,6 @@ def overhead(quick: bool) -> list[list[str]]:
 def real_models(quick: bool) -> list[list[str]]:
     """Each real sample model for a short run at the tool's defaults (the schedule's probes, the
     probe batches chosen for the model's size, the first HVP method that works)."""
-    from smoothprof.cost import ProbingCost, probe_work
     from smoothprof.errors import ModelFileError
 
     rows = []
@@ -348,13 +347,8 @@ def real_models(quick: bool) -> list[list[str]]:
         num_parameters = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
         result = train(prepared)
         records = result.probes
-        work = probe_work(
-            [r.hvp_count for r in records],
-            num_batches=len(prepared.probe_batches),
-            estimators=config.estimators,
-            num_fd_points=len(config.fd_points),
-        )
-        cost = ProbingCost(len(records), result.probe_seconds, result.seconds, steps, work)
+        cost = prepared.probing_cost(result)
+        work = cost.work
         warm = [r.seconds for r in records[1:]]
         step_seconds = (result.seconds - result.probe_seconds) / steps
         rows.append([

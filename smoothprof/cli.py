@@ -35,7 +35,7 @@ from . import __version__
 from .analysis import ESTIMATOR_COLUMNS, Analysis, analyze
 from .choices import AMP_DTYPES, OPTIMIZERS
 from .compare import CompareError, compare_trajectories, comparison_as_json
-from .cost import ProbingCost, first_probe_note, probe_work
+from .cost import first_probe_note
 from .display import (
     ESTIMATOR_LABELS,
     compare_plot,
@@ -535,7 +535,7 @@ def _print_summary(
         soft_wrap=True,
     )
     if result.probes:
-        console.print(_probing_cost(prepared, result).summary(), markup=False, soft_wrap=True)
+        console.print(prepared.probing_cost(result).summary(), markup=False, soft_wrap=True)
     if result.steps_skipped:
         console.print(
             f"the fp16 GradScaler skipped {plural(result.steps_skipped, 'step')} whose gradient "
@@ -712,26 +712,6 @@ def _schedule_text(config: RunConfig) -> str:
     return f"{planned} spread over the run"
 
 
-def _probe_work(prepared: PreparedRun, probes: list[Any]) -> Any:
-    config = prepared.config
-    return probe_work(
-        [r.hvp_count + r.preconditioned_hvp_count for r in probes],  # both solvers' HVPs
-        num_batches=len(prepared.probe_batches),
-        estimators=config.estimators,
-        num_fd_points=len(config.fd_points),
-    )
-
-
-def _probing_cost(prepared: PreparedRun, result: Any) -> ProbingCost:
-    return ProbingCost(
-        num_probes=len(result.probes),
-        probe_seconds=result.probe_seconds,
-        run_seconds=result.seconds,
-        steps_done=result.steps_done,
-        work=_probe_work(prepared, result.probes),
-    )
-
-
 def _cheaper_probe_options(config: RunConfig, num_batches: int) -> list[str]:
     """The options that would cut probing's cost from where ``config`` stands, as the user
     would type them."""
@@ -781,7 +761,7 @@ def _train_into(writer: TrajectoryWriter, prepared: Any, err: Console, debug: bo
                         step_seconds=step.train_seconds / steps_done,
                         num_probes=len(planned_probe_steps(prepared.config)),
                         num_steps=prepared.config.steps,
-                        work=_probe_work(prepared, [step.probe]),
+                        work=prepared.probe_work([step.probe]),
                         cuts=_cheaper_probe_options(
                             prepared.config, len(prepared.probe_batches)
                         ),

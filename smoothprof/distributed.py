@@ -9,7 +9,7 @@ over the GLOBAL list of probe batches: each rank evaluates the batches i with
 finite-difference gradient are all-reduced explicitly (DDP's gradient hooks do not fire under
 ``torch.autograd.grad``). All-reduce hands every rank the same result, so every rank runs the
 same eigen-solver on the same vectors and takes the same decisions; what depends on a clock (the
-overhead cap, timing the HVP methods) is decided on rank 0 and broadcast.
+overhead budget, when one is given) is decided on rank 0 and broadcast.
 """
 
 from __future__ import annotations

@@ -344,8 +344,8 @@ class Probe:
     ``i % world_size == rank``, and losses, gradients, HVPs and finite differences are summed over
     the ranks, so every rank measures f over all the batches, as one process would. The probe
     evaluates the module inside the wrapper, so DDP's hooks and buffer broadcasts do not run.
-    Call it on every rank at the same steps; decisions that depend on a clock (the overhead cap,
-    timing HVP methods) are rank 0's. ``on_record`` is called on every rank; write on one.
+    Call it on every rank at the same steps; the one decision that depends on a clock (the
+    overhead budget, when given) is rank 0's. ``on_record`` is called on every rank; write on one.
 
     ``optimizer`` (optional, read only) is the optimizer of the loop. With it, each record holds
     the optimizer's stability threshold at that step (``stability.py``); and when it is

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .choices import AMP_DTYPES, FILE_OPTIMIZER_OPTIONS, OPTIMIZERS
+from .cost import ProbeWork, ProbingCost, probe_work
 from .distributed import Communicator, ShardedLoader, shard_dataloader
 from .errors import ConfigError
 from .loading import (
@@ -459,6 +460,26 @@ class PreparedRun:
         data["probe_dtype"] = str(self.model_dtype).removeprefix("torch.")
         return data
 
+    def probe_work(self, records: list[ProbeRecord]) -> ProbeWork:
+        """The mean work of ``records``' probes: gradients and HVPs (both solvers': the Hessian
+        norm's and, with Adam, the preconditioned sharpness's) over the probe batches."""
+        return probe_work(
+            [r.hvp_count + r.preconditioned_hvp_count for r in records],
+            num_batches=len(self.probe_batches),
+            estimators=self.config.estimators,
+            num_fd_points=len(self.config.fd_points),
+        )
+
+    def probing_cost(self, result: RunResult) -> ProbingCost:
+        """What probing cost the run that ``train`` returned as ``result``."""
+        return ProbingCost(
+            num_probes=len(result.probes),
+            probe_seconds=result.probe_seconds,
+            run_seconds=result.seconds,
+            steps_done=result.steps_done,
+            work=self.probe_work(result.probes),
+        )
+
     @property
     def model_dtype(self) -> torch.dtype:
         return trainable_parameters(self.model)[0].dtype
@@ -661,6 +682,7 @@ def _accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batche
 
     In a data-parallel run the gradients are averaged over the ranks at the last batch only."""
     model_file, count = run.model_file, run.config.accumulate
+    scaling = _backward_scaling(run)
     losses = []
     for index in range(count):
         batch = move_to_device(next(batches), run.device)
@@ -669,7 +691,7 @@ def _accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batche
         with contextlib.nullcontext() if syncing else train_model.no_sync():
             with run.autocast():
                 loss_tensor = model_file.call_loss(train_model, batch)
-            model_file.backward(loss_tensor, _backward_scaling(run))
+            model_file.backward(loss_tensor, scaling)
         losses.append(float(loss_tensor.detach()))
     return losses[0] if count == 1 else math.fsum(losses) / count
 
