@@ -608,8 +608,9 @@ def _fixed_step_theory(L0: float, L1: float, G_max: float) -> Recommendation | N
 def _clipped_sgd(L0: float, L1: float, tau: float, T: int, floor_note: str) -> Recommendation:
     """Zhang et al. 2020, Theorem 7: gradient noise bounded by tau, T steps."""
     terms = [1.0 / (20.0 * L0), 1.0 / math.sqrt(T)]
-    if L1 > 0 and tau > 0:
-        terms.append(1.0 / (128.0 * L1 * tau))
+    noise_term = 128.0 * L1 * tau  # 0 when L1·τ underflows: then the term sets no bound
+    if noise_term > 0:
+        terms.append(1.0 / noise_term)
     clip = None if L1 == 0 else min(10.0 * L0, L0 / L1)
     return Recommendation(
         rule="clipped-sgd",
