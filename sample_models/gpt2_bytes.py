@@ -25,18 +25,19 @@ its first line with smoothprof's one-line error naming the missing module.
 What to expect
 --------------
 The model has 118,528 parameters. The ``defaults`` below train with Adam at lr 3e-3 for 300 steps
-of 16 x 32 bytes, with smoothprof's own default schedule: 30 probes spread over the run, each on 4
-probe batches. Measured once on two CPU cores shared with other work: the run took 7.5 minutes, of
-which the training was about 20 s and the probes 96% (2 gradients and ~23 Hessian-vector products
-each); ``--num-probes 10 --probe-batches 1`` makes it several times cheaper. The probe loss falls
-from 5.38 (chance is log 256 = 5.55) to 3.1 by step 40, where the model has learned the byte
-frequencies and pauses, then to 2.5 by step 300 as it learns indentation and keywords. The
-gradient norm falls from 4.2 to ~0.4 within 30 steps and stays there; the Hessian norm is 65 at
-the initialization, 4 to 65 afterwards and ~7 at the end, all 30 certified. ``smoothprof fit``
-finds a weak relation (Spearman log-log 0.25; L0 ~ 46, L1 ~ 4.5): with Adam the gradient norm
-hardly moves after the first steps. Adam's preconditioned sharpness (from step 1; ~1,000 to
-3,000 late in the run) stays far below Adam's stability threshold 38/lr = 12,667 (a late ratio
-of 0.14): at this lr Adam is not at its edge of stability.
+of 16 x 32 bytes, with smoothprof's own default schedule: 30 probes spread over the run, on one
+probe batch (chosen for the model's size: few parameters, but 17 MiB of double-backward graph per
+batch). Measured once on two CPU cores shared with other work: the run took 29 s, of which the
+probes 88% (2 gradients and ~22 Hessian-vector products each, the time of 70 training steps;
+with four probe batches it took 7.5 minutes). The probe loss falls from 5.35 (chance is log 256 =
+5.55) to 3.0 by step 21, where the model has learned the byte frequencies and pauses, then to 2.33
+by step 299 as it learns indentation and keywords. The gradient norm falls from 4.6 to ~0.6
+within 20 steps and stays there (one spike to 3.2 at step 107); the Hessian norm is 74 at the
+initialization, 4 to 126 afterwards and ~7 at the end, all 30 certified. ``smoothprof fit``
+finds no relation (Spearman log-log -0.04; L0 ~ 21, L1 ~ 33): with Adam the gradient norm hardly
+moves after the first steps. Adam's preconditioned sharpness stays far below Adam's stability
+threshold 38/lr = 12,667 (a late median ratio of 0.16): at this lr Adam is not at its edge of
+stability.
 
 ``gpt2_bytes_adamw.py`` trains the same model on the same data as language models are trained:
 AdamW with weight decay 0.1, a linear warmup and a cosine decay.

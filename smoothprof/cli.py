@@ -481,8 +481,8 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         + (f", {config.accumulate} batches per step" if config.accumulate > 1 else "")
         + f", {_schedule_text(config)} on {plural(len(prepared.probe_batches), 'batch')}"
         + (
-            " (chosen for the model's size; --probe-batches sets it)"
-            if prepared.probe_batches_by_size
+            f" ({prepared.probe_batches_choice.describe()})"
+            if prepared.probe_batches_choice is not None
             else ""
         )
         + f", device {prepared.device}{processes}",

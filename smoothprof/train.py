@@ -35,7 +35,12 @@ from .loading import (
     make_dataloader,
     step_scheduler,
 )
-from .objective import HVP_METHODS, trainable_parameters
+from .objective import (
+    HVP_METHODS,
+    double_backward_backends,
+    saved_graph_bytes,
+    trainable_parameters,
+)
 from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from .schedule import (
     DEFAULT_NUM_PROBES,
@@ -177,8 +182,8 @@ class RunConfig:
             and self.hvp_method == "retained"
             and (
                 self.retain_graphs is False
-                # by the model's size, probe_batches may be several: ask for one or allow them
-                or (self.retain_graphs is None and (self.probe_batches or 2) > 1)
+                # several batches given; several chosen by the model's size are retained
+                or (self.retain_graphs is None and (self.probe_batches or 1) > 1)
             )
         ):
             problems.append(
@@ -245,20 +250,56 @@ def _resolved_schedule(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"probe_schedule": schedule}
 
 
-PROBE_BATCHES_BY_SIZE = ((1_000_000, 4),)
-"""The default number of probe batches: 4 below 1M trainable parameters, else 1. Every probe
-batch multiplies a probe's cost (each HVP runs over all of them), and one batch lets the probe
-keep its double-backward graph (the ``retained`` HVPs, the cheapest): on a CPU a cold probe of a
-4.9M-parameter timm ResNet took the time of 124 training steps on four batches and 143 on two
-(rebuilding the graph per product). With one batch the gradient noise τ is not measured."""
+SMALL_PROBE_PARAMETERS = 1_000_000
+SMALL_PROBE_GRAPH_BYTES = 4 * 2**20
+SMALL_PROBE_BATCHES = 4
+"""A run that does not choose its probe batches gets ``SMALL_PROBE_BATCHES`` of them when the
+model is small in parameters (under ``SMALL_PROBE_PARAMETERS``) and in activations (one batch's
+double-backward graph holds at most ``SMALL_PROBE_GRAPH_BYTES``, measured by
+``objective.saved_graph_bytes``: a count of bytes, the same on every machine), with all their
+graphs retained (the cheapest HVPs, at most 16 MiB); any other model gets one batch and its
+retained graph. Every probe batch multiplies a probe's cost, as each HVP runs over all of them:
+on a CPU a cold probe of a 4.9M-parameter timm ResNet took the time of 124 training steps on four
+batches and 41 on one, and a 2-layer GPT-2 of 118,528 parameters but 18 MiB of graph per batch of
+16 x 32 tokens took 198 to 358 on four. With one batch the gradient noise τ is not measured."""
 
 
-def default_probe_batches(num_parameters: int) -> int:
-    """The probe batches of a run that does not choose them, by the model's trainable size."""
-    for below, count in PROBE_BATCHES_BY_SIZE:
-        if num_parameters < below:
-            return count
-    return 1
+@dataclass(frozen=True)
+class ProbeBatchesChoice:
+    """How a run that does not choose its probe batches chose them, and from what."""
+
+    batches: int
+    num_parameters: int
+    graph_bytes: int  # one probe batch's double-backward graph
+
+    retain_graphs: bool = True  # the chosen batches' graphs are kept through a probe's solve
+
+    def describe(self) -> str:
+        """The header's words for the choice."""
+        mib = self.graph_bytes / 2**20
+        size = f"{self.num_parameters:,} parameters, {mib:.3g} MiB of graph per batch"
+        return f"chosen for the model's size: {size}; --probe-batches sets it"
+
+
+def default_probe_batches(num_parameters: int, graph_bytes: int) -> int:
+    """The probe batches of a run that does not choose them: ``SMALL_PROBE_BATCHES`` for a model
+    small in parameters and in one batch's double-backward graph, else 1."""
+    small = num_parameters < SMALL_PROBE_PARAMETERS and graph_bytes <= SMALL_PROBE_GRAPH_BYTES
+    return SMALL_PROBE_BATCHES if small else 1
+
+
+def choose_probe_batches(
+    model_file: ModelFile, model: torch.nn.Module, batch: Any, device: torch.device
+) -> ProbeBatchesChoice:
+    """Choose the probe batches of a run that does not: from the model's trainable parameters and
+    the bytes of one batch's double-backward graph, as the probe builds it. The caller owns the
+    model's state (``unchanged_model_state``)."""
+    num_parameters = sum(p.numel() for p in trainable_parameters(model))
+    with double_backward_backends(device):
+        graph_bytes = saved_graph_bytes(model, model_file.call_loss, batch)
+    return ProbeBatchesChoice(
+        default_probe_batches(num_parameters, graph_bytes), num_parameters, graph_bytes
+    )
 
 
 def _positive(value: Any) -> bool:
@@ -408,7 +449,12 @@ class PreparedRun:
     scheduler: Any = None  # the model file's scheduler(optimizer), stepped once per step
     scaler: Any = None  # the GradScaler of --amp fp16
     initial_lr: float | None = None  # param group 0's lr before any schedule: what --lr says
-    probe_batches_by_size: bool = False  # config.probe_batches chosen by default_probe_batches
+    probe_batches_choice: ProbeBatchesChoice | None = None  # when no option chose them
+
+    @property
+    def probe_batches_by_size(self) -> bool:
+        """The run's probe batches were chosen by ``default_probe_batches``."""
+        return self.probe_batches_choice is not None
 
     @property
     def world_size(self) -> int:
@@ -444,6 +490,8 @@ class PreparedRun:
         probe batches when no option chose it)."""
         data = {**self.config.as_json(), "world_size": self.world_size}
         data["probe_batches_by_size"] = self.probe_batches_by_size
+        if self.probe_batches_choice is not None:
+            data["probe_graph_bytes"] = self.probe_batches_choice.graph_bytes
         data["optimizer_source"] = "model file" if self.optimizer_from_file else "options"
         data["scheduler"] = None if self.scheduler is None else type(self.scheduler).__name__
         if self.optimizer_from_file:
@@ -517,18 +565,23 @@ def prepare_run(
     seed_everything(config.seed)
     model = instantiate_model(model_file).to(device)
     model.train()
-    by_size = config.probe_batches is None
-    if by_size:  # by the model's size; the run's header says so
-        num_parameters = sum(p.numel() for p in trainable_parameters(model))
-        config = dataclasses.replace(config, probe_batches=default_probe_batches(num_parameters))
-        config.validate()
+    if config.probe_batches is None and config.probe_every == 0:  # no probes: nothing to size
+        config = dataclasses.replace(config, probe_batches=1)
+    by_size = config.probe_batches is None  # by the model's size; the run's header says so
     loader = make_dataloader(model_file)
     with unchanged_model_state(model, device):
         seed_everything(config.seed)
-        probe_batches = [
-            move_to_device(b, device) for b in first_batches(model_file, config.probe_batches)
-        ]
+        count = SMALL_PROBE_BATCHES if by_size else config.probe_batches
+        probe_batches = [move_to_device(b, device) for b in first_batches(model_file, count)]
         check_loss(model_file, model, probe_batches[0])
+        choice = None
+        if by_size:
+            choice = choose_probe_batches(model_file, model, probe_batches[0], device)
+    if choice is not None:
+        probe_batches = probe_batches[: choice.batches]
+        retain = config.retain_graphs if config.retain_graphs is not None else choice.retain_graphs
+        config = dataclasses.replace(config, probe_batches=choice.batches, retain_graphs=retain)
+        config.validate()
     parameters = trainable_parameters(model)
     if model_file.make_optimizer is not None:
         optimizer = instantiate_optimizer(model_file, parameters)
@@ -564,7 +617,7 @@ def prepare_run(
         scheduler=scheduler,
         scaler=scaler,
         initial_lr=initial_lr,
-        probe_batches_by_size=by_size,
+        probe_batches_choice=choice,
     )
 
 

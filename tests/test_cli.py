@@ -311,9 +311,10 @@ def test_repair_command(tmp_path, minimal_run):
     [
         # The file allows the graphs: the option works with it.
         ({"retain_graphs": True, "probe_batches": 2}, ["--hvp-method", "retained"], 0, None),
-        # The option conflicts with the file's defaults (and the built-in 4 batches): usage.
+        # The option conflicts with the file's defaults: usage.
         ({"probe_batches": 2}, ["--hvp-method", "retained"], 2, "retain_graphs"),
-        ({}, ["--hvp-method", "retained"], 2, "retain_graphs"),
+        # Probe batches chosen by the tool keep their graphs: the option works.
+        ({}, ["--hvp-method", "retained"], 0, None),
         # The file's defaults conflict among themselves: the file's problem.
         ({"hvp_method": "retained", "probe_batches": 2}, [], 1, "defaults: hvp_method retained"),
     ],

@@ -66,14 +66,18 @@ def check_probes(trajectory, steps):
 
 
 def test_gpt2_at_the_tools_defaults_probes_and_fits(tmp_path):
-    """Only --steps is given: the default schedule (every step of so short a run), 4 probe
-    batches of dict batches whose loss GPT-2 computes itself, Adam from the file's defaults."""
+    """Only --steps is given: the default schedule (every step of so short a run), one probe
+    batch (few parameters, but a large graph per batch) of dict batches whose loss GPT-2
+    computes itself, its graph retained, Adam from the file's defaults."""
     require("transformers")
     out, output = run(tmp_path, "gpt2_bytes.py", "--steps", "3")
-    assert "118,528 parameters" in output and "on 4 batches" in output
+    assert "118,528 parameters" in output
+    assert "on 1 batch (chosen for the model's size: 118,528 parameters, 17." in output
     trajectory = read_trajectory(out)
     assert trajectory.config["probe_schedule"] == "auto"
-    assert trajectory.config["probe_batches"] == 4
+    assert trajectory.config["probe_batches"] == 1
+    assert trajectory.config["probe_graph_bytes"] > 4 * 2**20
+    assert trajectory.attributes["hvp_method"] == "retained"
     check_probes(trajectory, [0, 1, 2])
     # Chance over 256 byte values at the initialization; the Adam steps lower the loss.
     assert abs(trajectory.probes["loss"][0] - math.log(256)) < 0.3

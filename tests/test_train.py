@@ -111,7 +111,7 @@ def test_third_party_file_trains(tmp_path):
         ({"optimizer": "rmsprop"}, "unknown optimizer"),
         ({"estimators": ("hvp", "magic")}, "unknown estimator"),
         ({"fd_points": (0.0,)}, "fd_points"),
-        ({"hvp_method": "retained"}, "allow it with retain_graphs"),  # 4 probe batches
+        ({"hvp_method": "retained", "probe_batches": 2}, "allow it with retain_graphs"),
         ({"hvp_method": "retained", "probe_batches": 1, "retain_graphs": False}, "retain_graphs"),
     ],
 )
@@ -267,9 +267,6 @@ def dataloader():
     [(100, None, 4, True), (400_000, None, 1, True), (400_000, 3, 3, False)],
 )
 def test_probe_batches_by_the_models_size_unless_given(tmp_path, width, given, expected, by_size):
-    from smoothprof.train import default_probe_batches
-
-    assert [default_probe_batches(n) for n in (10, 999_999, 10**6, 10**8)] == [4, 4, 1, 1]
     path = tmp_path / "wide.py"
     path.write_text(WIDE_MODEL.replace("WIDTH", str(width)))
     spec = load_model_file(path)
@@ -277,3 +274,52 @@ def test_probe_batches_by_the_models_size_unless_given(tmp_path, width, given, e
     assert prepared.config.probe_batches == expected == len(prepared.probe_batches)
     assert prepared.probe_batches_by_size is by_size
     assert prepared.recorded_config()["probe_batches_by_size"] is by_size
+    # chosen batches keep their graphs (the cheapest HVPs); several given ones do not by default
+    assert prepared.config.retain_graphs is (True if by_size else None)
+    if by_size:  # the graph of one batch of 8 rows is counted, not estimated
+        graph = prepared.recorded_config()["probe_graph_bytes"]
+        assert 8 * width * 4 <= graph < 8 * width * 4 * 10
+
+
+def test_default_probe_batches_follow_parameters_and_graph_size():
+    from smoothprof.train import default_probe_batches
+
+    mib = 2**20
+    sizes = [(10, 0), (999_999, 4 * mib), (10**6, 0), (10**8, 0), (10, 4 * mib + 1), (10, 10**9)]
+    assert [default_probe_batches(n, b) for n, b in sizes] == [4, 4, 1, 1, 1, 1]
+
+
+TALL_MODEL = """
+import torch
+from torch import nn
+
+def model():
+    return nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 3))
+
+def dataloader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8192, 4, generator=g)
+    y = torch.randint(0, 3, (32, 8192), generator=g)
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+
+def loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+"""
+
+
+def test_a_small_model_with_large_activations_gets_one_probe_batch(tmp_path):
+    """Few parameters, many activations (a GPT-2 of 118k parameters holds 17 MiB of graph per
+    batch of 16 x 32 tokens): one batch, and the run's header says why."""
+    path = tmp_path / "tall.py"
+    path.write_text(TALL_MODEL)
+    prepared = prepare_run(load_model_file(path), RunConfig.from_options({}, {}))
+    choice = prepared.probe_batches_choice
+    assert choice is not None and choice.batches == 1 == len(prepared.probe_batches)
+    assert choice.num_parameters == 4 * 64 + 64 + 64 * 3 + 3
+    assert choice.graph_bytes > 8 * 8192 * 64 * 4 > 4 * 2**20  # the tanh's output alone
+    assert prepared.config.retain_graphs is True
+    assert choice.describe() == (
+        f"chosen for the model's size: 515 parameters, {choice.graph_bytes / 2**20:.3g} MiB of "
+        "graph per batch; --probe-batches sets it"
+    )
