@@ -351,6 +351,23 @@ def run(
         int | None,
         typer.Option(min=1, help="Hessian-vector products per probe at most [default: 100]."),
     ] = None,
+    per_layer: Annotated[
+        bool | None,
+        typer.Option(
+            "--per-layer/--no-per-layer",
+            help="Also measure, at every probe, each parameter group's gradient norm and the "
+            "top eigenvalue of its diagonal Hessian block (a Lanczos run per group: about one "
+            "more whole-Hessian solve per group) [default: off].",
+        ),
+    ] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            help="The groups of --per-layer: comma-separated name=pattern (fnmatch patterns "
+            "over parameter names; a name may repeat; parameters no pattern matches form "
+            "'rest') [default: the model's top-level children and own parameters].",
+        ),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed for model, data and probe [default: 0].")
     ] = None,
@@ -390,6 +407,7 @@ def run(
         "num_probes": num_probes,
         "max_overhead": max_overhead, "hvp_method": hvp_method, "retain_graphs": retain_graphs,
         "max_hvps": max_hvps, "seed": seed, "device": device, "probe_mode": probe_mode,
+        "per_layer": per_layer, "groups": groups,
     }  # fmt: skip
     if estimators is not None:
         overrides["estimators"] = tuple(e.strip() for e in estimators.split(",") if e.strip())
@@ -416,7 +434,10 @@ def run(
             prepared = prepare_run(spec, config)
             _print_header(err, prepared)
             with TrajectoryWriter(
-                output, attributes=_run_attributes(prepared), overwrite=force
+                output,
+                attributes=_run_attributes(prepared),
+                overwrite=force,
+                groups=prepared.parameter_groups,
             ) as writer:
                 result = _train_into(writer, prepared, err, debug)
             if save_model is not None:
@@ -446,6 +467,10 @@ def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tup
         raise typer.BadParameter(f"{error} (with the defaults of {spec.path.name})") from None
     if no_clip:
         config = dataclasses.replace(config, clip=None)
+    if overrides.get("groups") is not None and not config.per_layer:
+        raise typer.BadParameter(
+            "--groups names the groups that --per-layer measures; add --per-layer"
+        )
     return spec, config
 
 
@@ -488,6 +513,15 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         + f", device {prepared.device}{processes}",
         markup=False,
     )
+    if prepared.parameter_groups and config.probe_every != 0:
+        groups = prepared.parameter_groups
+        shown = ", ".join(f"{g.name} ({g.size:,})" for g in groups[:8])
+        err.print(
+            f"per-layer: {plural(len(groups), 'parameter group')}: {shown}"
+            + (", ..." if len(groups) > 8 else "")
+            + "; each probe also runs one Lanczos solve per group (up to --max-hvps each)",
+            markup=False,
+        )
     if config.overhead_cap is not None and config.probe_every != 0:
         planned = len(planned_probe_steps(config))
         floor = min(planned, BUDGET_FLOOR)
@@ -662,7 +696,10 @@ def _train_distributed(
         if rank0:
             try:
                 writer = TrajectoryWriter(
-                    output, attributes=_run_attributes(prepared), overwrite=force
+                    output,
+                    attributes=_run_attributes(prepared),
+                    overwrite=force,
+                    groups=prepared.parameter_groups,
                 )
             except USER_ERRORS as error:
                 problem = error

@@ -484,8 +484,9 @@ class Probe:
     overhead budget, when given) is rank 0's. ``on_record`` is called on every rank; write on one.
 
     ``groups`` turns on the per-layer probe (with the "hvp" estimator): a ``groups.GroupSpec``
-    (name patterns over ``model.named_parameters()``) or "default" (the model's top-level
-    children, see ``groups.default_group_patterns``); ``parameter_groups`` holds them resolved.
+    (name patterns over ``model.named_parameters()``), "default" (the model's top-level
+    children, see ``groups.default_group_patterns``) or groups ``groups.resolve_groups``
+    returned; ``parameter_groups`` holds them resolved.
     Each probe then also measures, for each group, the norm of its gradient block and the top
     eigenvalue of the Hessian's diagonal block for the group: Lanczos on the HVP restricted to
     the group, warm started from the group's eigenvector of the previous probe, up to
@@ -523,7 +524,7 @@ class Probe:
         distributed: bool | None = None,
         process_group: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
-        groups: GroupSpec | None = None,
+        groups: GroupSpec | Sequence[ParameterGroup] | None = None,
     ) -> None:
         unknown = sorted(set(estimators) - set(ESTIMATORS))
         if unknown:
@@ -567,9 +568,11 @@ class Probe:
         if groups is not None:
             if "hvp" not in self.estimators:
                 raise ValueError("the per-layer probe (groups) needs the 'hvp' estimator")
-            self.parameter_groups = resolve_groups(
-                self.model, None if isinstance(groups, str) and groups == "default" else groups
-            )
+            if isinstance(groups, Sequence) and all(isinstance(g, ParameterGroup) for g in groups):
+                self.parameter_groups = list(groups)  # resolved already (``resolve_groups``)
+            else:
+                default = isinstance(groups, str) and groups == "default"
+                self.parameter_groups = resolve_groups(self.model, None if default else groups)
         self._group_vectors: dict[str, torch.Tensor] = {}
 
     @property
