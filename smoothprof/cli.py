@@ -44,6 +44,9 @@ from .display import (
     envelope_plot,
     fit_summary,
     format_number,
+    group_envelope_plot,
+    group_sharpness_plot,
+    per_layer_view,
     probe_line,
     profile_sweep_commands,
     recommendations_view,
@@ -52,6 +55,7 @@ from .display import (
 )
 from .errors import ConfigError, ModelFileError
 from .fit import FitError
+from .per_layer import PerLayerAnalysis, analyze_per_layer
 from .report import ReportError, require_matplotlib, write_report
 from .schedule import BUDGET_FLOOR, DEFAULT_NUM_PROBES, planned_probe_steps
 from .trajectory import (
@@ -1012,6 +1016,15 @@ def fit(
     plot: Annotated[
         bool, typer.Option("--plot/--no-plot", help="Draw the log-log scatter.")
     ] = True,
+    per_layer: Annotated[
+        bool,
+        typer.Option(
+            "--per-layer",
+            help="Also fit each parameter group of a per-layer run (smoothprof run "
+            "--per-layer), rank the groups by their share of the whole-model sharpness and "
+            "suggest a clip threshold per group (measured, not proved).",
+        ),
+    ] = False,
     width: WidthOption = None,
     ascii_only: AsciiOption = False,
     debug: DebugOption = False,
@@ -1021,10 +1034,22 @@ def fit(
     With --json, a problem with the files is a JSON object too: {"error": "..."} on stdout
     (and the same line on stderr), exit code 1.
     """
+    layers: PerLayerAnalysis | None = None
     with _user_errors(debug, as_json=as_json):
         analysis = _analyze_files(trajectory_files, estimator, skip_steps, quantile, bootstrap)
+        if per_layer:
+            layers = analyze_per_layer(
+                analysis.trajectories,
+                skip_steps=skip_steps,
+                quantile=quantile,
+                bootstrap=bootstrap,
+                lr=analysis.recommendations.headline.step_size,
+            )
     if as_json:
-        typer.echo(json.dumps(analysis.as_json(), indent=2))
+        document = analysis.as_json()
+        if layers is not None:
+            document["per_layer"] = layers.as_json()
+        typer.echo(json.dumps(document, indent=2))
         return
     envelope, recs, points = analysis.fit, analysis.recommendations, analysis.points
     out_width = _output_width(width)
@@ -1055,6 +1080,13 @@ def fit(
         parts.append(edge_of_stability_table(analysis.edge_of_stability, ascii_only=ascii_only))
     commands = profile_sweep_commands(analysis.trajectories, recs)
     parts.append(recommendations_view(recs, ascii_only=ascii_only, commands=commands))
+    if layers is not None:
+        if plot:
+            figure = group_envelope_plot(
+                layers, width=out_width, color=color, ascii_only=ascii_only
+            )
+            parts.append(Text.from_ansi(figure) if color else Text(figure))
+        parts.append(per_layer_view(layers, ascii_only=ascii_only))
     _emit(out_width, ascii_only, *parts)
 
 
@@ -1084,15 +1116,31 @@ def plot(
     debug: DebugOption = False,
 ) -> None:
     """Plot loss, gradient norm, both smoothness estimates, the step size and the share of
-    clipped steps over the training steps."""
+    clipped steps over the training steps; for a per-layer run, each group's sharpness over
+    the steps and each group's envelope too."""
     with _user_errors(debug):
         trajectory = _read_noting_status(trajectory_file)
         if trajectory.num_probes == 0 and not len(trajectory.train.get("step", [])):
             raise TrajectoryError(f"{trajectory_file}: holds no rows yet")
     out_width = _output_width(width)
     color = _use_color() and not ascii_only
-    figure = series_plot(trajectory, width=out_width, color=color, ascii_only=ascii_only)
-    _emit(out_width, ascii_only, Text.from_ansi(figure) if color else Text(figure))
+    figures = [series_plot(trajectory, width=out_width, color=color, ascii_only=ascii_only)]
+    if trajectory.groups is not None:  # a per-layer run: each group's sharpness and envelope
+        sharpness = group_sharpness_plot(
+            trajectory, width=out_width, color=color, ascii_only=ascii_only
+        )
+        if sharpness is not None:
+            figures.append(sharpness)
+            with contextlib.suppress(FitError):
+                layers = analyze_per_layer(trajectory, bootstrap=0)
+                figures.append(
+                    group_envelope_plot(layers, width=out_width, color=color, ascii_only=ascii_only)
+                )
+    _emit(
+        out_width,
+        ascii_only,
+        *(Text.from_ansi(figure) if color else Text(figure) for figure in figures),
+    )
 
 
 @app.command()

@@ -725,3 +725,105 @@ def _literal(value: float) -> str:
     if not math.isfinite(value):
         raise ValueError(f"cannot write the non-finite value {value!r} as a step size or threshold")
     return f"{value:.6g}"
+
+
+# Per-group rules (``smoothprof fit --per-layer``, ``per_layer.py``): measured, not proved.
+
+_SOURCE_GROUP_MEASURED = (
+    "the measured rule c = L0/L1 applied to each group's own envelope [measured, not proved]"
+)
+
+GROUP_CAVEATS: tuple[str, ...] = (
+    "Per-group clip thresholds apply the whole-model rule c = L0/L1 to each group's envelope "
+    "(the group's gradient norm against its diagonal Hessian block's norm). No theorem here "
+    "covers clipping each group of SGD at its own threshold: they are measured, not proved.",
+    "A diagonal block measures how a group's gradient changes when that group alone moves; the "
+    "coupling between groups (the off-diagonal blocks) is not measured. By Cauchy interlacing "
+    "no block's norm exceeds the whole Hessian's, so the blocks rank where the sharpness sits.",
+    "Riabinin et al. 2025 (Gluon, arXiv 2505.13416) analyse a layer-wise (L0, L1)-smoothness, "
+    "each layer with its own constants, for LMO-based optimizers (Muon, Scion) [secondary]; "
+    "that theory is not a guarantee for per-group clipped SGD.",
+)
+
+
+@dataclass(frozen=True)
+class GroupClip:
+    """The clip threshold suggested for one parameter group from the group's own fit.
+
+    ``clip_threshold`` is c = L0/L1 of the group's envelope (L0 floored at L1·G_min when the
+    fit gives 0, as the whole-model rules do); None when L1 = 0 (the group's points show plain
+    smoothness: clipping it is not needed) or the group could not be fitted. ``note`` says which.
+    """
+
+    group: str
+    clip_threshold: float | None
+    source: str
+    note: str = ""
+
+
+def group_clip(group: str, fit: EnvelopeFit | None) -> GroupClip:
+    """The measured per-group rule (``GROUP_CAVEATS``) for ``group`` fitted as ``fit``."""
+    if fit is None:
+        return GroupClip(group, None, _SOURCE_GROUP_MEASURED, "not fitted: no clip suggested")
+    L0, L1 = fit.L0, fit.L1
+    if not (math.isfinite(L0) and math.isfinite(L1)) or L1 <= 0:
+        return GroupClip(
+            group, None, _SOURCE_GROUP_MEASURED, "L1 = 0: plain smoothness, no clip needed"
+        )
+    if L0 > 0:
+        return GroupClip(group, L0 / L1, _SOURCE_GROUP_MEASURED, "c = L0/L1")
+    G_min = float(getattr(fit, "G_min", math.nan))
+    if not (math.isfinite(G_min) and G_min > 0):
+        return GroupClip(group, None, _SOURCE_GROUP_MEASURED, "L0 = 0 and G_min unknown")
+    return GroupClip(
+        group, G_min, _SOURCE_GROUP_MEASURED, f"L0 = 0: c = L0'/L1 = G_min = {G_min:.3g}"
+    )
+
+
+def pytorch_group_snippet(
+    groups: list[tuple[str, tuple[str, ...], float | None]], *, lr: float | None = None
+) -> str:
+    """PyTorch code for per-group clipping: ``groups`` are (name, fnmatch patterns over
+    ``model.named_parameters()``, clip threshold or None) in the order the run matched them
+    (a parameter joins the first group that matches), ``lr`` the step size for every group
+    (None: the optimizer line is left to the reader)."""
+    lines = [
+        "# Per-group clip thresholds from `smoothprof fit --per-layer` (measured, not proved).",
+        "import fnmatch",
+        "import torch",
+        "",
+        "GROUPS = {  # name: (patterns over model.named_parameters(), max gradient norm)",
+    ]
+    for name, patterns, clip in groups:
+        threshold = "None" if clip is None else _literal(clip)
+        comment = "  # not clipped" if clip is None else ""
+        lines.append(f"    {name!r}: ({list(patterns)!r}, {threshold}),{comment}")
+    lines += [
+        "}",
+        "",
+        "",
+        "def group_of(name):",
+        "    for group, (patterns, _) in GROUPS.items():",
+        "        if any(fnmatch.fnmatchcase(name, p) for p in patterns):",
+        "            return group",
+        "    return None",
+        "",
+        "",
+        "params = {group: [] for group in GROUPS}",
+        "for name, parameter in model.named_parameters():",
+        "    if parameter.requires_grad and group_of(name) is not None:",
+        "        params[group_of(name)].append(parameter)",
+        "param_groups = [{'params': ps, 'name': g} for g, ps in params.items() if ps]",
+    ]
+    if lr is not None:
+        lines.append(f"optimizer = torch.optim.SGD(param_groups, lr={_literal(lr)})")
+    else:
+        lines.append("# optimizer = torch.optim.SGD(param_groups, lr=...)  # your step size")
+    lines += [
+        "",
+        "# in the training loop, between loss.backward() and optimizer.step():",
+        "for group, (_, max_norm) in GROUPS.items():",
+        "    if max_norm is not None and params[group]:",
+        "        torch.nn.utils.clip_grad_norm_(params[group], max_norm=max_norm)",
+    ]
+    return "\n".join(lines)
