@@ -1044,6 +1044,7 @@ def fit(
                 quantile=quantile,
                 bootstrap=bootstrap,
                 lr=analysis.recommendations.headline.step_size,
+                profile_clip=analysis.profile.clip,
             )
     if as_json:
         document = analysis.as_json()

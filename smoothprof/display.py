@@ -862,6 +862,8 @@ def per_layer_view(analysis: PerLayerAnalysis, *, ascii_only: bool = False) -> G
     for group in analysis.groups:
         if group.fit is None:
             lines.append(_text(f"{group.name}: {group.fit_problem}", ascii_only, style="yellow"))
+        elif "capped" in group.clip.note:
+            lines.append(_text(f"{group.name}: {group.clip.note}", ascii_only))
     snippet = Panel(
         _text(analysis.snippet(), ascii_only),
         title=_text("per-group clipping (measured, not proved)", ascii_only),

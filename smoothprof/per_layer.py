@@ -131,12 +131,14 @@ def analyze_per_layer(
     quantile: float = 0.95,
     bootstrap: int = 200,
     lr: float | None = None,
+    profile_clip: float | None = None,
 ) -> PerLayerAnalysis:
     """Fit each parameter group of per-layer trajectories (``smoothprof run --per-layer``).
 
     Several files are fitted together, group by group; they must have the same groups.
     ``skip_steps``, ``quantile`` and ``bootstrap`` mean what they mean for ``analyze``; ``lr``
-    is the step size the snippet writes (``smoothprof fit`` passes its headline's). Raises
+    is the step size the snippet writes (``smoothprof fit`` passes its headline's) and
+    ``profile_clip`` the profiling run's clip, which caps each group's (``group_clip``). Raises
     ``FitError`` when a file has no per-layer measurements or the files' groups differ.
     """
     sources = (
@@ -215,7 +217,7 @@ def analyze_per_layer(
                 sharpness_share=float(np.median(ratios)) if ratios.size else math.nan,
                 largest_at=largest[name],
                 max_ratio=float(np.max(ratios)) if ratios.size else math.nan,
-                clip=group_clip(name, fit),
+                clip=group_clip(name, fit, profile_clip=profile_clip),
             )
         )
     ranked = sorted(

@@ -761,8 +761,32 @@ class GroupClip:
     note: str = ""
 
 
-def group_clip(group: str, fit: EnvelopeFit | None) -> GroupClip:
-    """The measured per-group rule (``GROUP_CAVEATS``) for ``group`` fitted as ``fit``."""
+def group_clip(
+    group: str, fit: EnvelopeFit | None, *, profile_clip: float | None = None
+) -> GroupClip:
+    """The measured per-group rule (``GROUP_CAVEATS``) for ``group`` fitted as ``fit``.
+
+    ``profile_clip``: the profiling run clipped the whole gradient at this norm, so it only
+    showed that group steps up to lr times it were safe; a group's threshold is never looser
+    (as the headline keeps a clipped profile's clip when that is tighter).
+    """
+    clip = _group_threshold(group, fit)
+    if (
+        profile_clip is not None
+        and clip.clip_threshold is not None
+        and clip.clip_threshold > profile_clip
+    ):
+        return GroupClip(
+            group,
+            profile_clip,
+            clip.source,
+            f"{clip.note} = {clip.clip_threshold:.3g}, capped at the profiling run's clip "
+            f"{profile_clip:.3g}: it showed no looser clip safe",
+        )
+    return clip
+
+
+def _group_threshold(group: str, fit: EnvelopeFit | None) -> GroupClip:
     if fit is None:
         return GroupClip(group, None, _SOURCE_GROUP_MEASURED, "not fitted: no clip suggested")
     L0, L1 = fit.L0, fit.L1

@@ -210,3 +210,12 @@ def test_group_clip_without_a_fit_or_a_slope_suggests_none():
     snippet = pytorch_group_snippet([("g", ("g.*",), None)])
     assert "# optimizer = torch.optim.SGD(param_groups, lr=...)" in snippet
     compile(snippet, "snippet", "exec")
+
+
+def test_a_clipped_profile_caps_every_group_clip_at_its_own(tmp_path):
+    path = _synthetic(tmp_path)
+    free = analyze_per_layer(path, bootstrap=0).group("sharp").clip.clip_threshold
+    capped = analyze_per_layer(path, bootstrap=0, profile_clip=free / 2).group("sharp").clip
+    assert capped.clip_threshold == free / 2 and "capped" in capped.note
+    loose = analyze_per_layer(path, bootstrap=0, profile_clip=free * 2).group("sharp").clip
+    assert loose.clip_threshold == free
