@@ -1216,11 +1216,23 @@ def report(
 ) -> None:
     """Write the paper's Figure 1 (gradient norm against smoothness, coloured by step, with the
     fitted envelope) and the series over the steps as PNG, and one self-contained HTML page
-    with both, the fit and the recommendations. Needs matplotlib (smoothprof[science])."""
+    with both, the fit and the recommendations; for a per-layer run also each group's sharpness
+    and envelope (per_layer.png) and its section. Needs matplotlib (smoothprof[science])."""
     with _user_errors(debug):
         require_matplotlib()
         analysis = _analyze_files([trajectory_file], estimator, skip_steps, quantile, bootstrap)
         directory = output_dir if output_dir is not None else Path(trajectory_file.stem + "_report")
+        layers = None
+        if analysis.trajectories[0].groups is not None:  # a per-layer run: its section too
+            with contextlib.suppress(FitError):  # no group rows yet: the report goes without
+                layers = analyze_per_layer(
+                    analysis.trajectories,
+                    skip_steps=skip_steps,
+                    quantile=quantile,
+                    bootstrap=bootstrap,
+                    lr=analysis.recommendations.headline.step_size,
+                    profile_clip=analysis.profile.clip,
+                )
         files = write_report(
             analysis.trajectories[0],
             analysis.fit,
@@ -1229,10 +1241,12 @@ def report(
             estimator=analysis.estimator,
             grad_noise=analysis.grad_noise,
             skip_steps=skip_steps,
+            per_layer=layers,
         )
     console = _stdout_console(_output_width(None))
-    for path in (files.html, files.smoothness_png, files.series_png):
-        console.print(f"wrote {path}", markup=False)
+    for path in (files.html, files.smoothness_png, files.series_png, files.per_layer_png):
+        if path is not None:
+            console.print(f"wrote {path}", markup=False)
 
 
 @app.command()

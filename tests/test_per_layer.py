@@ -219,3 +219,18 @@ def test_a_clipped_profile_caps_every_group_clip_at_its_own(tmp_path):
     assert capped.clip_threshold == free / 2 and "capped" in capped.note
     loose = analyze_per_layer(path, bootstrap=0, profile_clip=free * 2).group("sharp").clip
     assert loose.clip_threshold == free
+
+
+def test_report_of_a_per_layer_run_has_its_figure_and_section(per_layer_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    directory = tmp_path / "report"
+    result = invoke("report", per_layer_file, "-o", directory, "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert (directory / "per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (directory / "report.html").read_text()
+    assert "Per layer: where the sharpness sits" in page and "clip_grad_norm_" in page
+    plain = tmp_path / "plain.h5"
+    assert invoke("run", MODEL, "-o", plain, "--steps", "12").exit_code == 0
+    assert invoke("report", plain, "-o", directory, "--bootstrap", "0").exit_code == 0
+    assert not (directory / "per_layer.png").exists()  # the earlier report's figure is gone
+    assert "Per layer" not in (directory / "report.html").read_text()
