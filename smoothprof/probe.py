@@ -356,11 +356,11 @@ def hessian_block_norms(
     The model and the global RNG states are left as they were.
 
     >>> import torch
-    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False))
+    >>> model = torch.nn.Linear(2, 1, bias=False)    # one group: its own parameter "weight"
     >>> loss = lambda m, b: (m(b) ** 2).sum() / 2     # Hessian = x^T x = diag(9, 1)
     >>> blocks = hessian_block_norms(model, loss, [torch.tensor([[3.0, 0.0], [0.0, 1.0]])])
     >>> {name: round(block.value, 4) for name, block in blocks.items()}
-    {'0': 9.0}
+    {'weight': 9.0}
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
