@@ -765,6 +765,8 @@ def _cheaper_probe_options(config: RunConfig, num_batches: int) -> list[str]:
         cuts.append(f"--probes-per-decade {config.probes_per_decade / 3:g} (fewer probes)")
     if num_batches > 1:
         cuts.append("--probe-batches 1 (each product on one batch)")
+    if config.per_layer:
+        cuts.append("--groups with fewer groups, or no --per-layer (a solve per group)")
     if "hvp" in config.estimators:
         if config.max_hvps > 20:
             cuts.append("--max-hvps 20 (a shorter eigen-solve, certified less often)")
