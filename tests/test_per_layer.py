@@ -42,7 +42,6 @@ def per_layer_file(tmp_path_factory):
     return path
 
 
-
 def test_per_layer_run_writes_groups_beside_the_unchanged_probe_columns(per_layer_file):
     trajectory = read_trajectory(per_layer_file)
     layer = trajectory.groups
