@@ -24,6 +24,10 @@ Prints four tables:
    at the tool's defaults but for its length, with the HVP method the probe chose, the probe
    batches chosen for the model's size, the mean HVPs per probe, and a probe's time in gradient
    evaluations (its seconds over a training step's, the step being one gradient and one update).
+6. Per-layer probe cost (``--tables layers``): two sample models at their defaults, with and
+   without ``--per-layer`` (the default groups): the HVPs per probe of the whole-model solvers
+   and of the per-group solvers, all groups and per group, and the per-layer probe's time over
+   the plain probe's (the median of the probes' seconds of each run).
 
 Ratios, not seconds, are the figures to compare: they are measured in one process on one
 machine, which the header states.
@@ -361,6 +365,35 @@ def real_models(quick: bool) -> list[list[str]]:
     return rows
 
 
+PER_LAYER_MODELS = ("linear_rnn.py", "mlp_spirals.py")
+
+
+def per_layer_cost(quick: bool) -> list[list[str]]:
+    """Each model's run at its defaults (``steps`` 100 with ``--quick``) with and without
+    ``--per-layer``: the per-layer probe's extra HVPs (each a whole HVP, restricted to a group)
+    and the ratio of the median probe times."""
+    rows = []
+    for name in PER_LAYER_MODELS:
+        spec = load_model_file(REPO / "sample_models" / name)
+        options = {"steps": 100} if quick else {}
+        probes = {}
+        for per_layer in (False, True):
+            config = RunConfig.from_options(spec.defaults, {**options, "per_layer": per_layer})
+            prepared = prepare_run(spec, config)
+            result = train(prepared)
+            probes[per_layer] = (prepared, result)
+        prepared, result = probes[True]
+        work = prepared.probing_cost(result).work
+        plain_seconds = statistics.median(r.seconds for r in probes[False][1].probes)
+        layer_seconds = statistics.median(r.seconds for r in result.probes)
+        rows.append([
+            name, str(work.num_groups), f"{work.hvps - work.group_hvps:.1f}",
+            f"{work.group_hvps:.1f}", f"{work.group_hvps / work.num_groups:.1f}",
+            f"{layer_seconds / plain_seconds:.2f}x",
+        ])  # fmt: skip
+    return rows
+
+
 def table(title: str, header: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
@@ -379,8 +412,8 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument(
         "--tables",
-        default="hvp,eigen,warm,overhead,real",
-        help="which tables to print, comma-separated (default: all five)",
+        default="hvp,eigen,warm,overhead,real,layers",
+        help="which tables to print, comma-separated (default: all six)",
     )
     args = parser.parse_args()
     chosen = set(args.tables.split(","))
@@ -423,6 +456,13 @@ def main() -> None:
             ["model file", "parameters", "HVP method", "probe batches", "HVPs per probe",
              "first probe, gradients", "warm probe, gradients", "probing share"],
             real_models(args.quick), args.markdown,
+        ))  # fmt: skip
+    if "layers" in chosen:
+        print(table(
+            "Per-layer probe (--per-layer, default groups): HVPs per probe and probe time",
+            ["model file", "groups", "whole-model HVPs", "per-layer HVPs", "per group",
+             "probe time with / without"],
+            per_layer_cost(args.quick), args.markdown,
         ))  # fmt: skip
 
 

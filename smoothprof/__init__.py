@@ -42,7 +42,11 @@ _LAZY = {
     "ModelFileError": "errors",
     "default_loss": "loading",
     "load_model_file": "loading",
+    "GroupMeasurement": "probe",
     "HessianNorm": "probe",
+    "hessian_block_norms": "probe",
+    "PerLayerAnalysis": "per_layer",
+    "analyze_per_layer": "per_layer",
     "Probe": "probe",
     "ProbeRecord": "probe",
     "every_k_steps": "schedule",
@@ -62,9 +66,11 @@ __all__ = [
     "EnvelopeFit",
     "FitError",
     "FitPoints",
+    "GroupMeasurement",
     "HessianNorm",
     "ModelFile",
     "ModelFileError",
+    "PerLayerAnalysis",
     "Probe",
     "ProbeRecord",
     "ProfilingRun",
@@ -75,10 +81,12 @@ __all__ = [
     "TrajectoryWriter",
     "__version__",
     "analyze",
+    "analyze_per_layer",
     "default_loss",
     "every_k_steps",
     "finite_difference_smoothness",
     "fit_envelope",
+    "hessian_block_norms",
     "hessian_norm",
     "lanczos_top_eigenpair",
     "load_model_file",
@@ -117,7 +125,16 @@ if TYPE_CHECKING:  # type checkers and editors see the same names as eager impor
     )
     from .fit import EnvelopeFit, FitError, fit_envelope
     from .loading import ModelFile, default_loss, load_model_file
-    from .probe import HessianNorm, Probe, ProbeRecord, every_k_steps, hessian_norm
+    from .per_layer import PerLayerAnalysis, analyze_per_layer
+    from .probe import (
+        GroupMeasurement,
+        HessianNorm,
+        Probe,
+        ProbeRecord,
+        every_k_steps,
+        hessian_block_norms,
+        hessian_norm,
+    )
     from .trajectory import (
         Trajectory,
         TrajectoryError,

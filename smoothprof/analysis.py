@@ -14,6 +14,7 @@ plotext.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,8 @@ import numpy as np
 from .fit import MIN_POINTS, EnvelopeFit, FitError, correlation_after_step, fit_envelope
 from .recommend import WEAK_CORRELATION, ProfilingRun, Recommendations, recommend
 from .stability import EdgeOfStability, edge_of_stability
+from .step_search import ATTRIBUTE as SEARCH_ATTRIBUTE
+from .step_search import StepSizeSearch
 from .trajectory import Trajectory, read_trajectory
 
 ESTIMATOR_COLUMNS = {"hvp": "hessian_norm", "fd": "smoothness_fd"}
@@ -159,12 +162,22 @@ def analyze(
     trajectories = tuple(s if isinstance(s, Trajectory) else read_trajectory(s) for s in sources)
     chosen = choose_estimator(trajectories, estimator)
     points = fit_points(trajectories, ESTIMATOR_COLUMNS[chosen], skip_steps)
-    fit = fit_envelope(
-        points.grad_norm, points.smoothness, quantile=quantile, num_bootstrap=bootstrap
-    )
+    search = step_size_search(trajectories)
+    try:
+        fit = fit_envelope(
+            points.grad_norm, points.smoothness, quantile=quantile, num_bootstrap=bootstrap
+        )
+    except FitError as error:
+        raise FitError(_with_search_advice(str(error), trajectories, search)) from None
     grad_noise, num_steps = noise_level(trajectories), planned_steps(trajectories)
     profile = profiling_run(trajectories)
-    recs = recommend(fit, grad_noise=grad_noise, num_steps=num_steps, profile=profile)
+    recs = recommend(
+        fit,
+        grad_noise=grad_noise,
+        num_steps=num_steps,
+        profile=profile,
+        search=search,
+    )
     return Analysis(
         fit=fit,
         recommendations=_with_early_steps_note(recs, fit, points),
@@ -290,6 +303,41 @@ def profiling_run(trajectories: Sequence[Trajectory]) -> ProfilingRun:
         optimizer=optimizers.pop() if len(optimizers) == 1 else None,
         optimizer_from_file=from_file,
     )
+
+
+def _with_search_advice(
+    message: str, trajectories: Sequence[Trajectory], search: StepSizeSearch | None
+) -> str:
+    """A fit's error, and when its run stopped early but its step-size search found a step that
+    trains, the profiling run to make instead."""
+    best = None if search is None else search.best
+    if best is None:
+        return message
+    steps = [t.config.get("steps") for t in trajectories]
+    done = [
+        int(t.train["step"][-1]) + 1 if len(t.train.get("step", [])) else 0 for t in trajectories
+    ]
+    if not any(isinstance(s, int) and d < s for s, d in zip(steps, done)):
+        return message
+    return (
+        f"{message}. The run stopped at step {max(done)} of {max(s for s in steps if s)}, but "
+        f"its step-size search found lr {best.lr:.3g} to train (loss {best.loss_start:.4g} -> "
+        f"{best.loss_end:.4g} in {search.trial_steps} steps): profile at it, "
+        f"`smoothprof run MODEL.py --lr {best.lr:.3g}`"
+    )
+
+
+def step_size_search(trajectories: Sequence[Trajectory]) -> StepSizeSearch | None:
+    """The step-size search a run wrote into its file (``smoothprof.step_search``); None when
+    no file, or more than one, holds one (the trials belong to one run), or it cannot be read."""
+    found = [t.attributes.get(SEARCH_ATTRIBUTE) for t in trajectories]
+    found = [value for value in found if isinstance(value, str)]
+    if len(found) != 1:
+        return None
+    try:
+        return StepSizeSearch.from_json(json.loads(found[0]))
+    except (ValueError, TypeError):
+        return None
 
 
 def noise_level(trajectories: Sequence[Trajectory]) -> float | None:

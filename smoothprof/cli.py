@@ -44,6 +44,9 @@ from .display import (
     envelope_plot,
     fit_summary,
     format_number,
+    group_envelope_plot,
+    group_sharpness_plot,
+    per_layer_view,
     probe_line,
     profile_sweep_commands,
     recommendations_view,
@@ -52,6 +55,7 @@ from .display import (
 )
 from .errors import ConfigError, ModelFileError
 from .fit import FitError
+from .per_layer import PerLayerAnalysis, analyze_per_layer
 from .report import ReportError, require_matplotlib, write_report
 from .schedule import BUDGET_FLOOR, DEFAULT_NUM_PROBES, planned_probe_steps
 from .trajectory import (
@@ -351,6 +355,33 @@ def run(
         int | None,
         typer.Option(min=1, help="Hessian-vector products per probe at most [default: 100]."),
     ] = None,
+    per_layer: Annotated[
+        bool | None,
+        typer.Option(
+            "--per-layer/--no-per-layer",
+            help="Also measure, at every probe, each parameter group's gradient norm and the "
+            "top eigenvalue of its diagonal Hessian block (a Lanczos run per group: about one "
+            "more whole-Hessian solve per group) [default: off].",
+        ),
+    ] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            help="The groups of --per-layer: comma-separated name=pattern (fnmatch patterns "
+            "over parameter names; a name may repeat; parameters no pattern matches form "
+            "'rest') [default: the model's top-level children and own parameters].",
+        ),
+    ] = None,
+    lr_search: Annotated[
+        bool | None,
+        typer.Option(
+            "--lr-search/--no-lr-search",
+            help="After training, search the step size: trials of a tenth of the run's steps "
+            "(at least 20) from the initialization, at lr doubling from a quarter of the "
+            "stability threshold 2/λ0 that the first probe measured, until one does not train; "
+            "`fit` recommends the best [default: on; off without probes].",
+        ),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed for model, data and probe [default: 0].")
     ] = None,
@@ -390,6 +421,7 @@ def run(
         "num_probes": num_probes,
         "max_overhead": max_overhead, "hvp_method": hvp_method, "retain_graphs": retain_graphs,
         "max_hvps": max_hvps, "seed": seed, "device": device, "probe_mode": probe_mode,
+        "per_layer": per_layer, "groups": groups, "lr_search": lr_search,
     }  # fmt: skip
     if estimators is not None:
         overrides["estimators"] = tuple(e.strip() for e in estimators.split(",") if e.strip())
@@ -416,15 +448,44 @@ def run(
             prepared = prepare_run(spec, config)
             _print_header(err, prepared)
             with TrajectoryWriter(
-                output, attributes=_run_attributes(prepared), overwrite=force
+                output,
+                attributes=_run_attributes(prepared),
+                overwrite=force,
+                groups=prepared.parameter_groups,
             ) as writer:
                 result = _train_into(writer, prepared, err, debug)
+                search = _search_step_size(writer, prepared, result, err)
             if save_model is not None:
                 save_state_dict(prepared.model, save_model)
     except KeyboardInterrupt:
         err.print("interrupted before training started; nothing was written", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    _print_summary(output, prepared, result, save_model)
+    _print_summary(output, prepared, result, save_model, search)
+
+
+def _search_step_size(writer: Any, prepared: Any, result: Any, err: Console) -> Any:
+    """The step-size search after training (``smoothprof.step_search``), into the file's
+    attributes; None when the run does not search. Ctrl-C stops the search only: the run's rows
+    are kept, as always."""
+    from .step_search import ATTRIBUTE, search_step_size
+
+    config = prepared.config
+    if not config.lr_search or config.probe_every == 0 or prepared.comm is not None:
+        return None
+    first = next((r for r in result.probes if math.isfinite(r.hessian_norm)), None)
+    err.print("searching the step size (smoothprof fit recommends from it) ...", markup=False)
+    try:
+        with _user_errors(False):
+            search = search_step_size(
+                prepared,
+                first_hessian_norm=None if first is None else first.hessian_norm,
+                at_step=None if first is None else first.step,
+            )
+    except KeyboardInterrupt:
+        err.print("step-size search interrupted: the run's rows are kept without it", markup=False)
+        return None
+    writer.set_attribute(ATTRIBUTE, json.dumps(search.as_json()))
+    return search
 
 
 def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tuple[Any, RunConfig]:
@@ -446,6 +507,10 @@ def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tup
         raise typer.BadParameter(f"{error} (with the defaults of {spec.path.name})") from None
     if no_clip:
         config = dataclasses.replace(config, clip=None)
+    if overrides.get("groups") is not None and not config.per_layer:
+        raise typer.BadParameter(
+            "--groups names the groups that --per-layer measures; add --per-layer"
+        )
     return spec, config
 
 
@@ -488,6 +553,15 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         + f", device {prepared.device}{processes}",
         markup=False,
     )
+    if prepared.parameter_groups and config.probe_every != 0:
+        groups = prepared.parameter_groups
+        shown = ", ".join(f"{g.name} ({g.size:,})" for g in groups[:8])
+        err.print(
+            f"per-layer: {plural(len(groups), 'parameter group')}: {shown}"
+            + (", ..." if len(groups) > 8 else "")
+            + "; each probe also runs one Lanczos solve per group (up to --max-hvps each)",
+            markup=False,
+        )
     if config.overhead_cap is not None and config.probe_every != 0:
         planned = len(planned_probe_steps(config))
         floor = min(planned, BUDGET_FLOOR)
@@ -512,7 +586,11 @@ def _optimizer_text(prepared: PreparedRun) -> str:
 
 
 def _print_summary(
-    output: Path, prepared: PreparedRun, result: Any, save_model: Path | None
+    output: Path,
+    prepared: PreparedRun,
+    result: Any,
+    save_model: Path | None,
+    search: Any = None,
 ) -> None:
     """The run's closing lines (on rank 0 only in a data-parallel run); exit 3 if it diverged."""
     config = prepared.config
@@ -547,6 +625,12 @@ def _print_summary(
         console.print(
             f"skipped {plural(result.probes_skipped, 'due probe')} to keep probing under "
             f"{config.overhead_cap:.0%} of the training time (--max-overhead)",
+            markup=False,
+            soft_wrap=True,
+        )
+    if search is not None:
+        console.print(
+            search.summary() + f", {plural(search.total_steps, 'step')} in all",
             markup=False,
             soft_wrap=True,
         )
@@ -662,7 +746,10 @@ def _train_distributed(
         if rank0:
             try:
                 writer = TrajectoryWriter(
-                    output, attributes=_run_attributes(prepared), overwrite=force
+                    output,
+                    attributes=_run_attributes(prepared),
+                    overwrite=force,
+                    groups=prepared.parameter_groups,
                 )
             except USER_ERRORS as error:
                 problem = error
@@ -724,6 +811,8 @@ def _cheaper_probe_options(config: RunConfig, num_batches: int) -> list[str]:
         cuts.append(f"--probes-per-decade {config.probes_per_decade / 3:g} (fewer probes)")
     if num_batches > 1:
         cuts.append("--probe-batches 1 (each product on one batch)")
+    if config.per_layer:
+        cuts.append("--groups with fewer groups, or no --per-layer (a solve per group)")
     if "hvp" in config.estimators:
         if config.max_hvps > 20:
             cuts.append("--max-hvps 20 (a shorter eigen-solve, certified less often)")
@@ -975,6 +1064,15 @@ def fit(
     plot: Annotated[
         bool, typer.Option("--plot/--no-plot", help="Draw the log-log scatter.")
     ] = True,
+    per_layer: Annotated[
+        bool,
+        typer.Option(
+            "--per-layer",
+            help="Also fit each parameter group of a per-layer run (smoothprof run "
+            "--per-layer), rank the groups by their share of the whole-model sharpness and "
+            "suggest a clip threshold per group (measured, not proved).",
+        ),
+    ] = False,
     width: WidthOption = None,
     ascii_only: AsciiOption = False,
     debug: DebugOption = False,
@@ -984,10 +1082,23 @@ def fit(
     With --json, a problem with the files is a JSON object too: {"error": "..."} on stdout
     (and the same line on stderr), exit code 1.
     """
+    layers: PerLayerAnalysis | None = None
     with _user_errors(debug, as_json=as_json):
         analysis = _analyze_files(trajectory_files, estimator, skip_steps, quantile, bootstrap)
+        if per_layer:
+            layers = analyze_per_layer(
+                analysis.trajectories,
+                skip_steps=skip_steps,
+                quantile=quantile,
+                bootstrap=bootstrap,
+                lr=analysis.recommendations.headline.step_size,
+                profile_clip=analysis.profile.clip,
+            )
     if as_json:
-        typer.echo(json.dumps(analysis.as_json(), indent=2))
+        document = analysis.as_json()
+        if layers is not None:
+            document["per_layer"] = layers.as_json()
+        typer.echo(json.dumps(document, indent=2))
         return
     envelope, recs, points = analysis.fit, analysis.recommendations, analysis.points
     out_width = _output_width(width)
@@ -1018,6 +1129,13 @@ def fit(
         parts.append(edge_of_stability_table(analysis.edge_of_stability, ascii_only=ascii_only))
     commands = profile_sweep_commands(analysis.trajectories, recs)
     parts.append(recommendations_view(recs, ascii_only=ascii_only, commands=commands))
+    if layers is not None:
+        if plot:
+            figure = group_envelope_plot(
+                layers, width=out_width, color=color, ascii_only=ascii_only
+            )
+            parts.append(Text.from_ansi(figure) if color else Text(figure))
+        parts.append(per_layer_view(layers, ascii_only=ascii_only))
     _emit(out_width, ascii_only, *parts)
 
 
@@ -1047,15 +1165,31 @@ def plot(
     debug: DebugOption = False,
 ) -> None:
     """Plot loss, gradient norm, both smoothness estimates, the step size and the share of
-    clipped steps over the training steps."""
+    clipped steps over the training steps; for a per-layer run, each group's sharpness over
+    the steps and each group's envelope too."""
     with _user_errors(debug):
         trajectory = _read_noting_status(trajectory_file)
         if trajectory.num_probes == 0 and not len(trajectory.train.get("step", [])):
             raise TrajectoryError(f"{trajectory_file}: holds no rows yet")
     out_width = _output_width(width)
     color = _use_color() and not ascii_only
-    figure = series_plot(trajectory, width=out_width, color=color, ascii_only=ascii_only)
-    _emit(out_width, ascii_only, Text.from_ansi(figure) if color else Text(figure))
+    figures = [series_plot(trajectory, width=out_width, color=color, ascii_only=ascii_only)]
+    if trajectory.groups is not None:  # a per-layer run: each group's sharpness and envelope
+        sharpness = group_sharpness_plot(
+            trajectory, width=out_width, color=color, ascii_only=ascii_only
+        )
+        if sharpness is not None:
+            figures.append(sharpness)
+            with contextlib.suppress(FitError):
+                layers = analyze_per_layer(trajectory, bootstrap=0)
+                figures.append(
+                    group_envelope_plot(layers, width=out_width, color=color, ascii_only=ascii_only)
+                )
+    _emit(
+        out_width,
+        ascii_only,
+        *(Text.from_ansi(figure) if color else Text(figure) for figure in figures),
+    )
 
 
 @app.command()
@@ -1130,11 +1264,23 @@ def report(
 ) -> None:
     """Write the paper's Figure 1 (gradient norm against smoothness, coloured by step, with the
     fitted envelope) and the series over the steps as PNG, and one self-contained HTML page
-    with both, the fit and the recommendations. Needs matplotlib (smoothprof[science])."""
+    with both, the fit and the recommendations; for a per-layer run also each group's sharpness
+    and envelope (per_layer.png) and its section. Needs matplotlib (smoothprof[science])."""
     with _user_errors(debug):
         require_matplotlib()
         analysis = _analyze_files([trajectory_file], estimator, skip_steps, quantile, bootstrap)
         directory = output_dir if output_dir is not None else Path(trajectory_file.stem + "_report")
+        layers = None
+        if analysis.trajectories[0].groups is not None:  # a per-layer run: its section too
+            with contextlib.suppress(FitError):  # no group rows yet: the report goes without
+                layers = analyze_per_layer(
+                    analysis.trajectories,
+                    skip_steps=skip_steps,
+                    quantile=quantile,
+                    bootstrap=bootstrap,
+                    lr=analysis.recommendations.headline.step_size,
+                    profile_clip=analysis.profile.clip,
+                )
         files = write_report(
             analysis.trajectories[0],
             analysis.fit,
@@ -1143,10 +1289,12 @@ def report(
             estimator=analysis.estimator,
             grad_noise=analysis.grad_noise,
             skip_steps=skip_steps,
+            per_layer=layers,
         )
     console = _stdout_console(_output_width(None))
-    for path in (files.html, files.smoothness_png, files.series_png):
-        console.print(f"wrote {path}", markup=False)
+    for path in (files.html, files.smoothness_png, files.series_png, files.per_layer_png):
+        if path is not None:
+            console.print(f"wrote {path}", markup=False)
 
 
 @app.command()

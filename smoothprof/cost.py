@@ -29,12 +29,21 @@ class ProbeWork:
     gradients: float
     hvps: float
     num_batches: int
+    group_hvps: float = 0.0  # of ``hvps``, the per-layer solvers' (all groups together)
+    num_groups: int = 0  # parameter groups of a per-layer probe (0: not per-layer)
 
     def describe(self) -> str:
-        return (
+        text = (
             f"{plural(self.gradients, 'gradient')} and {plural(self.hvps, 'HVP')} "
             f"on {plural(self.num_batches, 'batch')}"
         )
+        if self.num_groups:
+            text += (
+                f" (per-layer: {self.group_hvps:.1f} of them for "
+                f"{plural(self.num_groups, 'group')}, "
+                f"{self.group_hvps / self.num_groups:.1f} per group)"
+            )
+        return text
 
 
 def probe_work(
@@ -43,14 +52,18 @@ def probe_work(
     num_batches: int,
     estimators: Sequence[str],
     num_fd_points: int,
+    group_hvp_counts: Sequence[int] = (),
+    num_groups: int = 0,
 ) -> ProbeWork:
-    """The mean work of the probes whose eigen-solver took ``hvp_counts`` products: the gradient
-    at x_t, one gradient per finite-difference point, one HVP for the curvature along the
-    gradient, and the solver's HVPs."""
+    """The mean work of the probes whose eigen-solvers took ``hvp_counts`` products: the
+    gradient at x_t, one gradient per finite-difference point, one HVP for the curvature along
+    the gradient, and the solvers' HVPs; of these, a per-layer probe's ``num_groups`` block
+    solvers took ``group_hvp_counts``."""
     gradients = 1 + (num_fd_points if "fd" in estimators else 0)
     mean_solver = float(sum(hvp_counts)) / len(hvp_counts) if hvp_counts else 0.0
     hvps = mean_solver + (1 if "curvature" in estimators else 0)
-    return ProbeWork(float(gradients), hvps, num_batches)
+    mean_groups = float(sum(group_hvp_counts)) / len(group_hvp_counts) if group_hvp_counts else 0.0
+    return ProbeWork(float(gradients), hvps, num_batches, mean_groups, num_groups)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from .compare import FINAL_SHARE, Comparison, short_labels
 from .fit import EnvelopeFit
+from .per_layer import PerLayerAnalysis
 from .recommend import Recommendation, Recommendations, pytorch_snippet
 from .schedule import SCHEDULE_OPTIONS
 from .stability import EdgeOfStability, edge_of_stability
@@ -462,6 +463,7 @@ def fit_summary(
 SWEEP_SETS = (
     "lr", "clip", *SCHEDULE_OPTIONS, "max_overhead", "probe_batches", "retain_graphs",
     "hvp_method", "estimators", "fd_points", "probe_mode", "rtol", "max_hvps",
+    "per_layer", "groups",
 )  # fmt: skip
 # Config values null that the command line spells: ``RunConfig.as_json`` writes an uncapped
 # probe overhead (inf) as null.
@@ -812,3 +814,145 @@ def compare_table(comparison: Comparison, *, ascii_only: bool = False) -> Table:
         ascii_only,
     )
     return table
+
+
+# Per-layer (``smoothprof fit --per-layer``, ``plot`` and ``report`` of a per-layer run).
+
+GROUP_MARKERS = ("*", "x", "+", "o", "#", "@", "%", "&", "$", "~")
+GROUP_COLORS = ("red+", "blue+", "green+", "magenta+", "cyan+", "yellow+")
+
+
+def per_layer_table(analysis: PerLayerAnalysis, *, ascii_only: bool = False) -> Table:
+    """The groups ranked by their share of the whole-model sharpness, each with its fit and its
+    suggested clip threshold."""
+    table = _table("per-layer: where the sharpness sits", ascii_only)
+    for name, justify in (
+        ("#", "right"), ("group", "left"), ("parameters", "right"), ("share of ||H||", "right"),
+        ("sharpest at", "right"), ("L0", "right"), ("L1", "right"), ("Spearman", "right"),
+        ("clip c", "right"),
+    ):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for rank, group in enumerate(analysis.groups, start=1):
+        fit = group.fit
+        cells = (
+            str(rank),
+            group.name,
+            f"{group.num_parameters:,}",
+            "-" if math.isnan(group.sharpness_share) else f"{group.sharpness_share:.3f}",
+            f"{group.largest_at}/{analysis.num_probes}",
+            format_number(fit.L0) if fit else "-",
+            format_number(fit.L1) if fit else "-",
+            format_number(fit.spearman_log, 3) if fit else "-",
+            format_number(group.clip.clip_threshold) if group.clip.clip_threshold else "none",
+        )
+        table.add_row(*(_text(cell, ascii_only) for cell in cells))
+    table.caption = _text(
+        "share: median over the probes of ||H_kk|| / ||H||, the group's diagonal block against "
+        "the whole Hessian (at most 1, Cauchy interlacing); sharpest at: probes where its block "
+        "was the sharpest group's; L0, L1: the fit of ||H_kk|| against the group's gradient norm",
+        ascii_only,
+    )
+    return table
+
+
+def per_layer_view(analysis: PerLayerAnalysis, *, ascii_only: bool = False) -> Group:
+    """The ranked table, warnings and caveats, then the per-group clipping as PyTorch."""
+    lines = [_text(f"warning: {w}", ascii_only, style="yellow") for w in analysis.warnings]
+    lines += [_text(f"note: {c}", ascii_only, style="dim") for c in analysis.caveats]
+    for group in analysis.groups:
+        if group.fit is None:
+            lines.append(_text(f"{group.name}: {group.fit_problem}", ascii_only, style="yellow"))
+        elif "capped" in group.clip.note:
+            lines.append(_text(f"{group.name}: {group.clip.note}", ascii_only))
+    snippet = Panel(
+        _text(analysis.snippet(), ascii_only),
+        title=_text("per-group clipping (measured, not proved)", ascii_only),
+        expand=False,
+        box=box.ASCII if ascii_only else box.ROUNDED,
+    )
+    return Group(per_layer_table(analysis, ascii_only=ascii_only), *lines, snippet)
+
+
+def group_sharpness_plot(
+    trajectory: Trajectory,
+    *,
+    width: int = 100,
+    height: int = 18,
+    color: bool = False,
+    ascii_only: bool = False,
+) -> str | None:
+    """Each group's ||H_kk|| against the step, with the whole Hessian's ||H|| above them (log y
+    axis when the values span more than a factor 10); None for a file without groups."""
+    layer = trajectory.groups
+    if layer is None:
+        return None
+    drawn = []
+    probes = trajectory.probes
+    whole = np.asarray(probes["hessian_norm"], dtype=np.float64)
+    keep = np.isfinite(whole)
+    if keep.any():
+        drawn.append(("whole ||H||", "-", np.asarray(probes["step"])[keep], whole[keep]))
+    for number, name in enumerate(layer.names):
+        steps, values = layer.series(name, "hessian_norm")
+        keep = np.isfinite(values)
+        if keep.any():
+            marker = GROUP_MARKERS[number % len(GROUP_MARKERS)]
+            drawn.append((name, marker, steps[keep], values[keep]))
+    if not drawn:
+        return None
+    _start_figure(width, height, color)
+    plt.title("per-layer sharpness: ||H_kk|| of each group's diagonal block")
+    plt.xlabel("step")
+    log_scale, limits = _y_axis(np.concatenate([values for *_, values in drawn]))
+    if log_scale:
+        plt.yscale("log")
+    elif limits is not None:
+        plt.ylim(*limits)
+    for index, (label, marker, steps, values) in enumerate(drawn):
+        if log_scale:
+            steps, values = steps[values > 0], values[values > 0]
+        plt.plot(
+            steps.tolist(),
+            values.tolist(),
+            marker=marker,
+            label=label,
+            color=GROUP_COLORS[index % len(GROUP_COLORS)] if color else None,
+        )
+    return _finish(plt.build(), color=color, ascii_only=ascii_only)
+
+
+def group_envelope_plot(
+    analysis: PerLayerAnalysis,
+    *,
+    width: int = 100,
+    height: int = 24,
+    color: bool = False,
+    ascii_only: bool = False,
+) -> str:
+    """Every group's points (its gradient norm against its block's norm) on log axes, each
+    group with its own marker and its fitted envelope L0 + L1 g drawn with dots."""
+    _start_figure(width, height, color)
+    plt.xscale("log")
+    plt.yscale("log")
+    for number, name in enumerate(analysis.order):
+        group = analysis.group(name)
+        g = np.asarray(group.points.grad_norm, dtype=np.float64)
+        L = np.asarray(group.points.smoothness, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            keep = np.isfinite(g) & np.isfinite(L) & (g > 0) & (L > 0)
+        if not keep.any():
+            continue
+        g, L = g[keep], L[keep]
+        hue = GROUP_COLORS[number % len(GROUP_COLORS)] if color else None
+        marker = GROUP_MARKERS[number % len(GROUP_MARKERS)]
+        if group.fit is not None:
+            grid = np.geomspace(g.min(), g.max(), 40)
+            plt.plot(grid.tolist(), (group.fit.L0 + group.fit.L1 * grid).tolist(), marker=".",
+                     color=hue)  # fmt: skip
+        label = name
+        if group.fit is not None:
+            label += f": {group.fit.L0:.3g} + {group.fit.L1:.3g} g"
+        plt.scatter(g.tolist(), L.tolist(), marker=marker, label=label, color=hue)
+    plt.title("per-layer envelopes: ||H_kk|| against the group's gradient norm")
+    plt.xlabel("group gradient norm")
+    return _finish(plt.build(), color=color, ascii_only=ascii_only)

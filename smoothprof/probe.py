@@ -24,6 +24,7 @@ from torch import nn
 
 from .distributed import Communicator, communicator, unwrap
 from .estimators import finite_difference_smoothness, lanczos_top_eigenpair
+from .groups import GroupSpec, ParameterGroup, resolve_groups
 from .objective import (
     HVP_METHODS,
     LossFn,
@@ -39,6 +40,8 @@ from .schedule import BUDGET_FLOOR, Schedule, as_schedule, every_k_steps
 from .stability import kind_code
 
 ESTIMATORS = ("fd", "hvp", "curvature")
+PER_LAYER = "per-layer sharpness"
+"""Measured with "hvp" when the probe has parameter groups; it can fail on its own."""
 PRECONDITIONED = "preconditioned sharpness"
 """Measured with "hvp" when the optimizer is Adam or AdamW; it can fail on its own."""
 MODES = ("train", "eval")
@@ -74,6 +77,21 @@ class HessianNorm:
 
 
 @dataclass(frozen=True)
+class GroupMeasurement:
+    """One parameter group at one probe: the norm of the group's block of the gradient and the
+    top eigenpair of the Hessian's diagonal block for the group (``HessianNorm``'s meanings,
+    in the group's coordinates). By Cauchy interlacing, ``hessian_norm`` is at most the whole
+    Hessian's norm (up to both solvers' ``rtol``)."""
+
+    group: str
+    grad_norm: float
+    hessian_norm: float
+    hessian_eig: float
+    hvp_count: int
+    hessian_converged: bool
+
+
+@dataclass(frozen=True)
 class ProbeRecord:
     """One probe: the row written to ``probes/`` in the trajectory file."""
 
@@ -96,9 +114,18 @@ class ProbeRecord:
     preconditioned_converged: bool = False
     stability_threshold: float = math.nan
     stability_kind: int = -1
+    # Per-layer (a probe with parameter groups): one measurement per group, in group order.
+    groups: tuple[GroupMeasurement, ...] = ()
 
-    def as_row(self) -> dict[str, float | int | bool]:
+    def as_row(self) -> dict[str, Any]:
+        """The record as a mapping; ``groups`` as a list of mappings (``TrajectoryWriter``
+        writes them to ``groups/``)."""
         return asdict(self)
+
+    @property
+    def group_hvp_count(self) -> int:
+        """HVPs of the per-layer solvers, all groups together."""
+        return sum(g.hvp_count for g in self.groups)
 
 
 @contextlib.contextmanager
@@ -252,6 +279,115 @@ def _top_eigenpair(
     )
 
 
+def group_coordinates(
+    parameters: Sequence[torch.Tensor], group: ParameterGroup
+) -> slice | torch.Tensor:
+    """Where ``group``'s parameters sit in the flat vector over ``parameters``: a slice when
+    they are contiguous (a module's parameters are), else an index tensor."""
+    offsets = [0]
+    for parameter in parameters:
+        offsets.append(offsets[-1] + parameter.numel())
+    ranges = [(offsets[i], offsets[i + 1]) for i in group.indices]
+    if all(ranges[k][1] == ranges[k + 1][0] for k in range(len(ranges) - 1)):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.cat([torch.arange(a, b) for a, b in ranges]).to(parameters[0].device)
+
+
+def _group_start(group_number: int, size: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed + 7919 * (group_number + 1))
+    vector = torch.randn(size, generator=generator, dtype=torch.float64)
+    return vector.to(dtype=like.dtype, device=like.device)
+
+
+def _block_top_eigenpair(
+    objective: ProbeObjective,
+    coordinates: slice | torch.Tensor,
+    start: torch.Tensor,
+    *,
+    rtol: float,
+    max_hvps: int,
+    on_hvp: Callable[[], None] | None = None,
+) -> HessianNorm:
+    """The top eigenpair of the Hessian's diagonal block at ``coordinates``: Lanczos in the
+    block's coordinates on v -> (H [v on the block, 0 elsewhere]) restricted to the block. Each
+    product is one whole HVP, so a block costs what the whole Hessian costs per iteration."""
+    template = objective.parameters[0]
+    total = sum(p.numel() for p in objective.parameters)
+
+    def matvec(vector: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(total, dtype=template.dtype, device=template.device)
+        padded[coordinates] = vector
+        product = objective.hvp(padded)[coordinates]
+        if on_hvp is not None:
+            on_hvp()
+        return product
+
+    eig = lanczos_top_eigenpair(
+        matvec, start.detach().reshape(-1).to(template), rtol=rtol, max_matvecs=max_hvps
+    )
+    return HessianNorm(
+        value=eig.value,
+        eigenvalue=eig.eigenvalue,
+        eigenvector=eig.eigenvector.detach(),
+        num_hvps=eig.num_matvecs,
+        converged=eig.converged,
+        residual=eig.residual,
+    )
+
+
+def hessian_block_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    *,
+    groups: GroupSpec | None = None,
+    rtol: float = 1e-3,
+    max_hvps: int = 100,
+    mode: str | None = None,
+    seed: int = 0,
+    hvp_method: str = "auto",
+    retain_graphs: bool | None = None,
+) -> dict[str, HessianNorm]:
+    """For each parameter group (``groups.resolve_groups``: the default groups when ``groups``
+    is None), the largest |eigenvalue| of the Hessian's diagonal block for the group, as a
+    ``HessianNorm`` whose ``eigenvector`` lies in the group's coordinates (its parameters'
+    flat values, in ``model.parameters()`` order). f, the mode, ``rtol`` and ``converged`` are
+    those of ``hessian_norm``; by Cauchy interlacing each value is at most ``hessian_norm``'s.
+    The model and the global RNG states are left as they were.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1, bias=False)    # one group: its own parameter "weight"
+    >>> loss = lambda m, b: (m(b) ** 2).sum() / 2     # Hessian = x^T x = diag(9, 1)
+    >>> blocks = hessian_block_norms(model, loss, [torch.tensor([[3.0, 0.0], [0.0, 1.0]])])
+    >>> {name: round(block.value, 4) for name, block in blocks.items()}
+    {'weight': 9.0}
+    """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    model, _ = _model_and_communicator(model, False, None, mode)
+    parameter_groups = resolve_groups(model, groups)
+    parameters = trainable_parameters(model)
+    device = parameters[0].device
+    results: dict[str, HessianNorm] = {}
+    with unchanged_model_state(model, device), double_backward_backends(device):
+        _set_mode(model, mode)
+        objective = ProbeObjective(
+            model, loss_fn, batches, seed=seed, hvp_method=hvp_method, retain_graphs=retain_graphs
+        )
+        objective.gradient(create_graph=True)
+        for number, group in enumerate(parameter_groups):
+            start = _group_start(number, group.size, seed, parameters[0])
+            results[group.name] = _block_top_eigenpair(
+                objective,
+                group_coordinates(objective.parameters, group),
+                start,
+                rtol=rtol,
+                max_hvps=max_hvps,
+            )
+        objective.release()
+    return results
+
+
 def fastest_hvp_method(
     objective: ProbeObjective, vector: torch.Tensor, *, repeats: int = 2
 ) -> tuple[str, dict[str, float]]:
@@ -347,6 +483,16 @@ class Probe:
     Call it on every rank at the same steps; the one decision that depends on a clock (the
     overhead budget, when given) is rank 0's. ``on_record`` is called on every rank; write on one.
 
+    ``groups`` turns on the per-layer probe (with the "hvp" estimator): a ``groups.GroupSpec``
+    (name patterns over ``model.named_parameters()``), "default" (the model's top-level
+    children, see ``groups.default_group_patterns``) or groups ``groups.resolve_groups``
+    returned; ``parameter_groups`` holds them resolved.
+    Each probe then also measures, for each group, the norm of its gradient block and the top
+    eigenvalue of the Hessian's diagonal block for the group: Lanczos on the HVP restricted to
+    the group, warm started from the group's eigenvector of the previous probe, up to
+    ``max_hvps`` products per group (``ProbeRecord.groups``; ``TrajectoryWriter(groups=...)``
+    writes them). Each product is a whole HVP: a group costs about what the whole Hessian does.
+
     ``optimizer`` (optional, read only) is the optimizer of the loop. With it, each record holds
     the optimizer's stability threshold at that step (``stability.py``); and when it is
     ``torch.optim.Adam`` or ``AdamW``, the "hvp" estimator also measures the preconditioned
@@ -378,6 +524,7 @@ class Probe:
         distributed: bool | None = None,
         process_group: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
+        groups: GroupSpec | Sequence[ParameterGroup] | None = None,
     ) -> None:
         unknown = sorted(set(estimators) - set(ESTIMATORS))
         if unknown:
@@ -417,6 +564,16 @@ class Probe:
         self._preconditioned_vector: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None
         self.failed: dict[str, str] = {}
+        self.parameter_groups: list[ParameterGroup] = []
+        if groups is not None:
+            if "hvp" not in self.estimators:
+                raise ValueError("the per-layer probe (groups) needs the 'hvp' estimator")
+            if isinstance(groups, Sequence) and all(isinstance(g, ParameterGroup) for g in groups):
+                self.parameter_groups = list(groups)  # resolved already (``resolve_groups``)
+            else:
+                default = isinstance(groups, str) and groups == "default"
+                self.parameter_groups = resolve_groups(self.model, None if default else groups)
+        self._group_vectors: dict[str, torch.Tensor] = {}
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -477,6 +634,7 @@ class Probe:
         eig: HessianNorm | None = None
         curvature = math.nan
         preconditioned: HessianNorm | None = None
+        per_group: tuple[GroupMeasurement, ...] = ()
         with unchanged_model_state(self.model, device), double_backward_backends(device):
             _set_mode(self.model, self.mode)
             objective = self._objective()
@@ -531,6 +689,16 @@ class Probe:
                             )
                         except Exception as error:
                             self._estimators_failed([PRECONDITIONED], step, error)
+                    if self.parameter_groups and PER_LAYER not in self.failed:
+                        try:
+                            per_group = self._per_layer(
+                                objective,
+                                gradient,
+                                step,
+                                hvp_taken if self.on_hvp is not None else None,
+                            )
+                        except Exception as error:
+                            self._estimators_failed([PER_LAYER], step, error)
                 finally:
                     objective.release()
         stability_kind, threshold = optimizer_stability(self.optimizer)
@@ -542,6 +710,7 @@ class Probe:
             "grad_curvature": curvature,
             "eig": eig,
             "preconditioned": preconditioned,
+            "groups": per_group,
             "stability": (kind_code(stability_kind), threshold),
             "point": flatten([p.detach() for p in parameters]).clone()
             if self._wants("fd")
@@ -614,6 +783,43 @@ class Probe:
             residual=eig.residual,
         )
 
+    def _per_layer(
+        self,
+        objective: ProbeObjective,
+        gradient: torch.Tensor,
+        step: int,
+        on_hvp: Callable[[], None] | None,
+    ) -> tuple[GroupMeasurement, ...]:
+        """Each group's gradient norm and diagonal-block eigenpair, each block's solver warm
+        started from its previous eigenvector (a random start, seeded by the step, at first)."""
+        measured = []
+        for number, group in enumerate(self.parameter_groups):
+            coordinates = group_coordinates(objective.parameters, group)
+            start = self._group_vectors.get(group.name)
+            if start is None:
+                start = _group_start(number, group.size, self.seed + step + 1, gradient)
+            eig = _block_top_eigenpair(
+                objective,
+                coordinates,
+                start,
+                rtol=self.rtol,
+                max_hvps=self.max_hvps,
+                on_hvp=on_hvp,
+            )
+            if math.isfinite(eig.eigenvalue):
+                self._group_vectors[group.name] = eig.eigenvector
+            measured.append(
+                GroupMeasurement(
+                    group=group.name,
+                    grad_norm=float(torch.linalg.vector_norm(gradient[coordinates])),
+                    hessian_norm=eig.value,
+                    hessian_eig=eig.eigenvalue,
+                    hvp_count=eig.num_hvps,
+                    hessian_converged=eig.converged,
+                )
+            )
+        return tuple(measured)
+
     def _choose_hvp_method(self, objective: ProbeObjective, gradient: torch.Tensor) -> str:
         """The first of ``HVP_METHODS`` that works on this objective, in their order: the retained
         graph (the fastest on every model measured, see benchmarks/probe_speed.py) when allowed,
@@ -657,6 +863,7 @@ class Probe:
             hessian_converged=eig.converged if eig else False,
             seconds=pending["seconds"] + time.perf_counter() - started,
             **_stability_fields(pending["preconditioned"], *pending["stability"]),
+            groups=pending["groups"],
         )
         self.probe_seconds += record.seconds
         self.records.append(record)

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from smoothprof.fit import EnvelopeFit
+from smoothprof.step_search import StepSizeSearch
 from smoothprof.wording import plural
 
 __all__ = [
@@ -136,6 +137,7 @@ _SOURCE_THEOREM_7 = "Zhang et al. 2020, Theorem 7 [paper]"
 _SOURCE_PETHICK = "Pethick et al. 2025, Theorem 4.3 [secondary]"
 _SOURCE_VANKOV = "Vankov et al. 2024 [secondary]"
 _SOURCE_MEASURED = "measured on smoothprof's sample models, docs/results.md [measured]"
+_SOURCE_SEARCH = "measured: smoothprof's step-size search, docs/practice.md [measured]"
 
 _DETERMINISTIC = "(L0, L1)-smooth objective, exact gradients"
 
@@ -146,8 +148,14 @@ def recommend(
     grad_noise: float | None = None,
     num_steps: int | None = None,
     profile: ProfilingRun | None = None,
+    search: StepSizeSearch | None = None,
 ) -> Recommendations:
     """Evaluate every rule of theory.md §4 at `fit` and pick a headline.
+
+    With ``search`` (the run's step-size search, ``smoothprof.step_search``) that found a step
+    that trains, the headline is that step, clipped at c = L0/L1 where the clip acts on the
+    measured gradient norms and the fit shows smoothness growing with them
+    (``_searched_headline``).
 
     grad_noise is τ, a bound on ||stochastic gradient - ∇f|| (units of g); num_steps is T, the
     number of optimizer steps planned. The stochastic rule (Zhang et al. 2020, Theorem 7) is
@@ -215,8 +223,16 @@ def recommend(
 
     sweep_lrs: tuple[float, ...] = ()
     measured = None
-    if L1 > 0 and L0_used is not None:
-        measured, anchor = _measured_headline(L0_used / L1, profile, fixed_step_observed, warnings)
+    searched = None
+    if search is not None:
+        searched = _searched_headline(search, fit, L0_used, profile, warnings)
+    if searched is not None:
+        measured = searched
+        sweep_lrs = tuple(t.lr for t in search.trials if t.stable)
+    elif L1 > 0 and L0_used is not None:
+        measured, anchor = _measured_headline(
+            L0_used / L1, profile, fixed_step_observed, warnings, G_max=G_max, L_max=L_max
+        )
         sweep_lrs = tuple(factor * anchor for factor in SWEEP_FACTORS)
         if not (_is_finite_rule(measured) and all(math.isfinite(lr) for lr in sweep_lrs)):
             warnings.append(f"{measured.title}: its values overflow float64 for this fit.")
@@ -224,7 +240,12 @@ def recommend(
     own_optimizer = None
     if measured is not None and profile.lr is not None and not profile.sgd_family:
         own_optimizer = profile.optimizer
-    if measured is not None:
+    if searched is not None:
+        headline = searched
+        rules.insert(0, headline)
+        speedup = _finite_or_nan(L_max / L0_used) if L0_used else math.nan
+        explanation = _searched_explanation(search, headline, own_optimizer, speedup)
+    elif measured is not None:
         headline = measured
         rules.insert(0, headline)
         speedup = _finite_or_nan(L_max / L0_used)
@@ -322,16 +343,127 @@ def recommend(
     )
 
 
+def _searched_headline(
+    search: StepSizeSearch,
+    fit: EnvelopeFit,
+    L0_used: float | None,
+    profile: ProfilingRun,
+    warnings: list[str],
+) -> Recommendation | None:
+    """The step of the search's best trial, clipped at c = L0/L1 where that clip acts (None
+    when no trial trained; a warning says what to run)."""
+    best = search.best
+    if best is None:
+        first = search.trials[0] if search.trials else None
+        smallest = f" (the smallest, lr {first.lr:.3g}, did not train either)" if first else ""
+        warnings.append(
+            f"none of the step-size search's {plural(len(search.trials), 'trial')} trained"
+            f"{smallest}: the steps around the stability step {search.stability_step:.3g} "
+            f"({search.base}) diverge or do not lower the loss in "
+            f"{search.trial_steps} steps; profile again with a smaller --lr."
+        )
+        return None
+    L1 = fit.L1
+    clip, why = None, "no clip"
+    if search.clip is not None:
+        clip, why = search.clip, f"clip {search.clip:.3g}, the run's own, which every trial used"
+    elif L1 > 0 and L0_used is not None:
+        c = L0_used / L1
+        if not fit.spearman_log > WEAK_CORRELATION:
+            why = (
+                f"no clip: c = L0/L1 = {c:.3g}, but the smoothness does not grow with the "
+                "gradient norm"
+            )
+        elif c >= fit.G_max:
+            why = (
+                f"no clip: c = L0/L1 = {c:.3g} is above every measured gradient norm "
+                f"(at most {fit.G_max:.3g}), so it would never act"
+            )
+        else:
+            clip, why = c, f"clip at c = L0/L1 = {c:.3g}"
+    return Recommendation(
+        rule="searched-step",
+        title="step size from the step-size search (measured)",
+        clip_threshold=clip,
+        step_size=best.lr,
+        source=_SOURCE_SEARCH,
+        assumptions="the best of short trials from the initialization trains best over the run; "
+        "an empirical rule, no guarantee",
+        note=f"the best of {plural(len(search.trials), 'trial')} of {search.trial_steps} steps "
+        f"(loss {best.loss_start:.4g} -> {best.loss_end:.4g}); {why}.",
+    )
+
+
+def _searched_explanation(
+    search: StepSizeSearch, headline: Recommendation, own_optimizer: str | None, speedup: float
+) -> str:
+    best = search.best
+    assert best is not None
+    unstable = search.first_unstable
+    above = ""
+    if unstable is not None:
+        above = f"; lr {unstable.lr:.3g} did not train"
+        if unstable.diverged_at is not None:
+            above += f" (diverged at step {unstable.diverged_at})"
+    with_lr = f"lr = {best.lr:.3g}"
+    if own_optimizer is not None:
+        with_lr = f"{own_optimizer} at lr {best.lr:.3g} (not an SGD step size)"
+    clip = (
+        f"clipped at {headline.clip_threshold:.3g}"
+        if headline.clip_threshold is not None
+        else "unclipped"
+    )
+    return (
+        f"Headline: {with_lr}, {clip}. The step is measured: the best of "
+        f"{plural(len(search.trials), 'trial')} of {search.trial_steps} steps from the "
+        f"initialization, at lr doubling from a quarter of the stability step "
+        f"{search.stability_step:.3g} ({search.base}), the step above which gradient descent "
+        "on the initial quadratic model is unstable (linear stability; Cohen et al. 2021 "
+        "[secondary]). Networks "
+        "often train above it (non-quadratic losses, catapults, the edge of stability), by how "
+        f"much the trials say{above}. The clip, where given, is c = L0/L1, where the envelope's "
+        "two terms are equal: above it the smoothness grows with the gradient norm and clipping "
+        "caps the step (Zhang et al. 2020). Against an LR range test and adaptive clipping: "
+        "docs/practice.md. The theorems' rules below are worst-case guarantees: safe lower "
+        f"bounds, not tuned values. The predicted speedup of clipped over fixed-step GD, "
+        f"{_format(speedup)}, is a ratio of worst-case bounds (about L_max/L0, Zhang et al. "
+        "2020, Theorems 3 and 4), not a promise of wall-clock speed."
+    )
+
+
 def _measured_headline(
-    c: float, profile: ProfilingRun, fixed_step_observed: float, warnings: list[str]
+    c: float,
+    profile: ProfilingRun,
+    fixed_step_observed: float,
+    warnings: list[str],
+    *,
+    G_max: float = math.inf,
+    L_max: float = math.nan,
 ) -> tuple[Recommendation, float]:
-    """The measured rule (module docstring) and the lr its sweep multiplies."""
+    """The measured rule (module docstring) and the lr its sweep multiplies. Where the clip c
+    would never act (c >= G_max, the largest measured gradient norm), the longer step is not
+    guarded by it: the step is then at most 2/L_max, the stability threshold of the sharpest
+    point the profile measured."""
     plain_sgd = profile.optimizer in (None, "sgd")
     if profile.lr is not None and profile.clip is None and plain_sgd:
         anchor, step = profile.lr, MEASURED_LR_FACTOR * profile.lr
         how = f"lr = {MEASURED_LR_FACTOR:g} x the profiling run's lr {profile.lr:.3g}"
         if profile.optimizer is None:
             how += " (the file does not name the optimizer; the factor was measured for SGD)"
+        bound = 2.0 / L_max if L_max > 0 else math.inf
+        if c >= G_max and step > bound:
+            step = bound
+            how = (
+                f"lr = {step:.3g}: {MEASURED_LR_FACTOR:g} x the profiling lr would exceed "
+                f"2/L_max = {bound:.3g}, and the clip c = {c:.3g} is above every measured "
+                f"gradient norm (at most {G_max:.3g}), so it would not guard the step"
+            )
+            warnings.append(
+                f"the clip c = L0/L1 = {c:.3g} is above every measured gradient norm (at most "
+                f"{G_max:.3g}): it would never act, so the headline's step is held to the "
+                f"stability threshold 2/L_max = {bound:.3g} of the profile's sharpest point "
+                "instead of 5 times the profiling lr."
+            )
     elif profile.lr is not None and profile.clip is not None:
         # The run only showed that steps up to lr·clip were safe: never advise a looser clip.
         anchor = step = profile.lr
@@ -725,3 +857,129 @@ def _literal(value: float) -> str:
     if not math.isfinite(value):
         raise ValueError(f"cannot write the non-finite value {value!r} as a step size or threshold")
     return f"{value:.6g}"
+
+
+# Per-group rules (``smoothprof fit --per-layer``, ``per_layer.py``): measured, not proved.
+
+_SOURCE_GROUP_MEASURED = (
+    "the measured rule c = L0/L1 applied to each group's own envelope [measured, not proved]"
+)
+
+GROUP_CAVEATS: tuple[str, ...] = (
+    "Per-group clip thresholds apply the whole-model rule c = L0/L1 to each group's envelope "
+    "(the group's gradient norm against its diagonal Hessian block's norm). No theorem here "
+    "covers clipping each group of SGD at its own threshold: they are measured, not proved.",
+    "A diagonal block measures how a group's gradient changes when that group alone moves; the "
+    "coupling between groups (the off-diagonal blocks) is not measured. By Cauchy interlacing "
+    "no block's norm exceeds the whole Hessian's, so the blocks rank where the sharpness sits.",
+    "Riabinin et al. 2025 (Gluon, arXiv 2505.13416) analyse a layer-wise (L0, L1)-smoothness, "
+    "each layer with its own constants, for LMO-based optimizers (Muon, Scion) [secondary]; "
+    "that theory is not a guarantee for per-group clipped SGD.",
+)
+
+
+@dataclass(frozen=True)
+class GroupClip:
+    """The clip threshold suggested for one parameter group from the group's own fit.
+
+    ``clip_threshold`` is c = L0/L1 of the group's envelope (L0 floored at L1·G_min when the
+    fit gives 0, as the whole-model rules do); None when L1 = 0 (the group's points show plain
+    smoothness: clipping it is not needed) or the group could not be fitted. ``note`` says which.
+    """
+
+    group: str
+    clip_threshold: float | None
+    source: str
+    note: str = ""
+
+
+def group_clip(
+    group: str, fit: EnvelopeFit | None, *, profile_clip: float | None = None
+) -> GroupClip:
+    """The measured per-group rule (``GROUP_CAVEATS``) for ``group`` fitted as ``fit``.
+
+    ``profile_clip``: the profiling run clipped the whole gradient at this norm, so it only
+    showed that group steps up to lr times it were safe; a group's threshold is never looser
+    (as the headline keeps a clipped profile's clip when that is tighter).
+    """
+    clip = _group_threshold(group, fit)
+    if (
+        profile_clip is not None
+        and clip.clip_threshold is not None
+        and clip.clip_threshold > profile_clip
+    ):
+        return GroupClip(
+            group,
+            profile_clip,
+            clip.source,
+            f"{clip.note} = {clip.clip_threshold:.3g}, capped at the profiling run's clip "
+            f"{profile_clip:.3g}: it showed no looser clip safe",
+        )
+    return clip
+
+
+def _group_threshold(group: str, fit: EnvelopeFit | None) -> GroupClip:
+    if fit is None:
+        return GroupClip(group, None, _SOURCE_GROUP_MEASURED, "not fitted: no clip suggested")
+    L0, L1 = fit.L0, fit.L1
+    if not (math.isfinite(L0) and math.isfinite(L1)) or L1 <= 0:
+        return GroupClip(
+            group, None, _SOURCE_GROUP_MEASURED, "L1 = 0: plain smoothness, no clip needed"
+        )
+    if L0 > 0:
+        return GroupClip(group, L0 / L1, _SOURCE_GROUP_MEASURED, "c = L0/L1")
+    G_min = float(getattr(fit, "G_min", math.nan))
+    if not (math.isfinite(G_min) and G_min > 0):
+        return GroupClip(group, None, _SOURCE_GROUP_MEASURED, "L0 = 0 and G_min unknown")
+    return GroupClip(
+        group, G_min, _SOURCE_GROUP_MEASURED, f"L0 = 0: c = L0'/L1 = G_min = {G_min:.3g}"
+    )
+
+
+def pytorch_group_snippet(
+    groups: list[tuple[str, tuple[str, ...], float | None]], *, lr: float | None = None
+) -> str:
+    """PyTorch code for per-group clipping: ``groups`` are (name, fnmatch patterns over
+    ``model.named_parameters()``, clip threshold or None) in the order the run matched them
+    (a parameter joins the first group that matches), ``lr`` the step size for every group
+    (None: the optimizer line is left to the reader)."""
+    lines = [
+        "# Per-group clip thresholds from `smoothprof fit --per-layer` (measured, not proved).",
+        "import fnmatch",
+        "import torch",
+        "",
+        "GROUPS = {  # name: (patterns over model.named_parameters(), max gradient norm)",
+    ]
+    for name, patterns, clip in groups:
+        threshold = "None" if clip is None else _literal(clip)
+        comment = "  # not clipped" if clip is None else ""
+        lines.append(f"    {name!r}: ({list(patterns)!r}, {threshold}),{comment}")
+    lines += [
+        "}",
+        "",
+        "",
+        "def group_of(name):",
+        "    for group, (patterns, _) in GROUPS.items():",
+        "        if any(fnmatch.fnmatchcase(name, p) for p in patterns):",
+        "            return group",
+        "    return None",
+        "",
+        "",
+        "params = {group: [] for group in GROUPS}",
+        "for name, parameter in model.named_parameters():",
+        "    if parameter.requires_grad and group_of(name) is not None:",
+        "        params[group_of(name)].append(parameter)",
+        "param_groups = [{'params': ps, 'name': g} for g, ps in params.items() if ps]",
+    ]
+    if lr is not None:
+        lines.append(f"optimizer = torch.optim.SGD(param_groups, lr={_literal(lr)})")
+    else:
+        lines.append("# optimizer = torch.optim.SGD(param_groups, lr=...)  # your step size")
+    lines += [
+        "",
+        "# in the training loop, between loss.backward() and optimizer.step():",
+        "for group, (_, max_norm) in GROUPS.items():",
+        "    if max_norm is not None and params[group]:",
+        "        torch.nn.utils.clip_grad_norm_(params[group], max_norm=max_norm)",
+    ]
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ from .display import (
     step_size_text,
 )
 from .fit import EnvelopeFit
+from .per_layer import PerLayerAnalysis
 from .recommend import Recommendations, pytorch_snippet
 from .stability import edge_of_stability
 from .trajectory import Trajectory
@@ -45,6 +46,7 @@ MISSING_MATPLOTLIB = (
 )
 SMOOTHNESS_PNG = "smoothness.png"
 SERIES_PNG = "series.png"
+PER_LAYER_PNG = "per_layer.png"  # a per-layer run's report only
 REPORT_HTML = "report.html"
 DPI = 120
 
@@ -60,6 +62,7 @@ class ReportFiles:
     smoothness_png: Path  # Figure 1: gradient norm against smoothness, with the envelope
     series_png: Path  # the series over the steps
     html: Path  # one page with both figures inlined, the fit and the recommendations
+    per_layer_png: Path | None = None  # a per-layer run: each group's sharpness and envelope
 
 
 def require_matplotlib() -> Any:
@@ -160,6 +163,93 @@ def smoothness_figure(
     )
     axes.grid(True, which="major", alpha=0.3)
     return figure
+
+
+def per_layer_figure(trajectory: Trajectory, analysis: PerLayerAnalysis, *, title: str = "") -> Any:
+    """A per-layer run: each group's ||H_kk|| over the steps under the whole ||H|| (left), and
+    each group's points against its gradient norm with its fitted envelope (right, log-log)."""
+    figure = _new_figure(11.0, 4.6)
+    over_steps, envelopes = figure.subplots(1, 2)
+    probes = trajectory.probes
+    whole = np.asarray(probes["hessian_norm"], dtype=np.float64)
+    finite = np.isfinite(whole)
+    over_steps.plot(
+        np.asarray(probes["step"])[finite], whole[finite], color="black", linewidth=1.6,
+        label="whole ||H||",
+    )  # fmt: skip
+    colors = [f"C{k % 10}" for k in range(len(analysis.order))]
+    series = [whole[finite]]
+    layer = trajectory.groups
+    for color, name in zip(colors, analysis.order):
+        if layer is not None:
+            steps, values = layer.series(name, "hessian_norm")
+            keep = np.isfinite(values)
+            over_steps.plot(steps[keep], values[keep], marker=".", color=color, label=name)
+            series.append(values[keep])
+        group = analysis.group(name)
+        g, L = np.asarray(group.points.grad_norm), np.asarray(group.points.smoothness)
+        keep = _positive_finite(g, L)
+        if not keep.any():
+            continue
+        envelopes.scatter(g[keep], L[keep], s=18, color=color, label=name, zorder=3)
+        if group.fit is not None:
+            grid = np.geomspace(float(g[keep].min()), float(g[keep].max()) * 1.0001, 60)
+            envelopes.plot(
+                grid, group.fit.L0 + group.fit.L1 * grid, color=color, linewidth=1.4, zorder=2
+            )
+    if _log_axis_wanted(series):
+        over_steps.set_yscale("log")
+        _plain_log_ticks(over_steps.yaxis)
+    over_steps.set_xlabel("training step")
+    over_steps.set_ylabel("||H_kk||, the group's diagonal block")
+    over_steps.set_title((f"{title}\n" if title else "") + "sharpness per group", fontsize="medium")
+    over_steps.legend(loc="best", fontsize="small")
+    over_steps.grid(True, alpha=0.3)
+    envelopes.set_xscale("log")
+    envelopes.set_yscale("log")
+    envelopes.set_xlabel("the group's gradient norm")
+    envelopes.set_ylabel("||H_kk||")
+    envelopes.set_title("each group's (L0, L1) envelope", fontsize="medium")
+    envelopes.legend(loc="best", fontsize="small")
+    envelopes.grid(True, which="major", alpha=0.3)
+    return figure
+
+
+def _per_layer_section(analysis: PerLayerAnalysis, image: str) -> str:
+    """The HTML of the per-layer section: the figure, the ranked table, caveats, the snippet."""
+    rows = [
+        (
+            str(rank),
+            group.name,
+            f"{group.num_parameters:,}",
+            format_number(group.sharpness_share, 3),
+            f"{group.largest_at}/{analysis.num_probes}",
+            format_number(group.fit.L0) if group.fit else "-",
+            format_number(group.fit.L1) if group.fit else "-",
+            "none"
+            if group.clip.clip_threshold is None
+            else format_number(group.clip.clip_threshold),
+            group.clip.note,
+        )
+        for rank, group in enumerate(analysis.groups, start=1)
+    ]
+    notes = "".join(f'<li class="warning">{html.escape(w)}</li>' for w in analysis.warnings)
+    notes += "".join(f'<li class="caveat">{html.escape(c)}</li>' for c in analysis.caveats)
+    header = ("#", "group", "parameters", "share of ||H||", "sharpest at", "L0", "L1",
+              "clip c", "how")  # fmt: skip
+    return "\n".join(
+        [
+            "<h2>Per layer: where the sharpness sits</h2>",
+            "<p>For each parameter group, the top eigenvalue of the Hessian's diagonal block "
+            "||H_kk|| (at most the whole ||H||, by Cauchy interlacing) over the steps, and "
+            "against the group's gradient norm with its fitted envelope. Share: the median "
+            "over the probes of ||H_kk|| / ||H||.</p>",
+            image,
+            _table(header, rows),
+            f"<ul>{notes}</ul>",
+            f"<pre>{html.escape(analysis.snippet())}</pre>",
+        ]
+    )
 
 
 def _log_axis_wanted(values: Sequence[np.ndarray]) -> bool:
@@ -342,9 +432,12 @@ def report_html(
     series_png: bytes,
     grad_noise: float | None = None,
     skip_steps: int = 0,
+    per_layer: PerLayerAnalysis | None = None,
+    per_layer_png: bytes | None = None,
 ) -> str:
     """One HTML page: the run, the headline recommendation, the fit, every rule, both figures
-    as data URIs. Every text is escaped; nothing refers to a resource outside the page."""
+    as data URIs (and, for a per-layer run, the per-layer section). Every text is escaped;
+    nothing refers to a resource outside the page."""
 
     def image(data: bytes, alt: str) -> str:
         encoded = base64.b64encode(data).decode("ascii")
@@ -402,6 +495,9 @@ def report_html(
         f"<ul>{warnings}{caveats}</ul>",
         "<h2>Over the training steps</h2>",
         image(series_png, "loss, gradient norm, smoothness, step size, clipped share"),
+        _per_layer_section(per_layer, image(per_layer_png, "each group's sharpness and envelope"))
+        if per_layer is not None and per_layer_png is not None
+        else "",
         "<h2>Run</h2>",
         _table(("what", "value"), _run_rows(trajectory)),
         f'<p class="caveat">Written by smoothprof {html.escape(__version__)}.</p>',
@@ -419,9 +515,11 @@ def write_report(
     estimator: str,
     grad_noise: float | None = None,
     skip_steps: int = 0,
+    per_layer: PerLayerAnalysis | None = None,
 ) -> ReportFiles:
     """Draw both figures and write them, and the HTML page, into ``output_dir`` (created if
-    needed; files of an earlier report there are replaced).
+    needed; files of an earlier report there are replaced). With ``per_layer`` (the analysis
+    of a per-layer run) also ``per_layer.png`` and its section of the page.
 
     The points of Figure 1 are the trajectory's probes at steps >= ``skip_steps`` in the
     column of ``estimator`` (hvp or fd), the points ``fit`` was fitted to.
@@ -450,10 +548,14 @@ def write_report(
     )
     smoothness_png = _png_bytes(smoothness)
     series_png = _png_bytes(series_figure(trajectory, title=title))
+    per_layer_png = None
+    if per_layer is not None:
+        per_layer_png = _png_bytes(per_layer_figure(trajectory, per_layer, title=title))
     files = ReportFiles(
         smoothness_png=directory / SMOOTHNESS_PNG,
         series_png=directory / SERIES_PNG,
         html=directory / REPORT_HTML,
+        per_layer_png=None if per_layer is None else directory / PER_LAYER_PNG,
     )
     page = report_html(
         trajectory,
@@ -464,10 +566,16 @@ def write_report(
         series_png=series_png,
         grad_noise=grad_noise,
         skip_steps=skip_steps,
+        per_layer=per_layer,
+        per_layer_png=per_layer_png,
     )
     try:
         files.smoothness_png.write_bytes(smoothness_png)
         files.series_png.write_bytes(series_png)
+        if files.per_layer_png is not None and per_layer_png is not None:
+            files.per_layer_png.write_bytes(per_layer_png)
+        else:  # an earlier per-layer report's figure would not belong to this page
+            (directory / PER_LAYER_PNG).unlink(missing_ok=True)
         files.html.write_text(page, encoding="utf-8")
     except OSError as error:
         raise ReportError(f"{directory}: cannot write the report ({error})") from None

@@ -25,6 +25,7 @@ from .choices import AMP_DTYPES, FILE_OPTIMIZER_OPTIONS, OPTIMIZERS
 from .cost import ProbeWork, ProbingCost, probe_work
 from .distributed import Communicator, ShardedLoader, shard_dataloader
 from .errors import ConfigError
+from .groups import ParameterGroup, group_entries, resolve_groups
 from .loading import (
     ModelFile,
     check_loss,
@@ -82,6 +83,9 @@ class RunConfig:
     max_hvps: int = 100
     seed: int = 0
     device: str = "auto"
+    lr_search: bool = True  # after training, the step-size search (smoothprof.step_search)
+    per_layer: bool = False  # also measure each parameter group's gradient and Hessian block
+    groups: tuple[str, ...] | None = None  # "name=pattern" texts; None: the default groups
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -120,6 +124,8 @@ class RunConfig:
             if key in values and not isinstance(values[key], tuple):
                 raw = values[key]
                 values[key] = tuple(raw.split(",")) if isinstance(raw, str) else tuple(raw)
+        if values.get("groups") is not None:  # any GroupSpec: "a=x,b=y", a list or a dict
+            values["groups"] = group_entries(values["groups"])
         try:
             config = cls(**values)
         except TypeError as error:
@@ -200,6 +206,13 @@ class RunConfig:
             problems.append(f"rtol must be positive, got {self.rtol!r}")
         if not isinstance(self.max_hvps, int) or self.max_hvps <= 0:
             problems.append(f"max_hvps must be a positive integer, got {self.max_hvps!r}")
+        if self.per_layer not in (True, False):
+            problems.append(f"per_layer must be true or false, got {self.per_layer!r}")
+        elif self.per_layer and "hvp" not in self.estimators:
+            problems.append(
+                "per_layer measures each group's Hessian block with the hvp estimator: "
+                "add hvp to estimators"
+            )
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -220,6 +233,7 @@ class RunConfig:
         data["max_overhead"] = self.overhead_cap  # JSON has no inf: null means no cap
         data["estimators"] = list(self.estimators)
         data["fd_points"] = list(self.fd_points)
+        data["groups"] = None if self.groups is None else list(self.groups)
         return data
 
 
@@ -450,6 +464,7 @@ class PreparedRun:
     scaler: Any = None  # the GradScaler of --amp fp16
     initial_lr: float | None = None  # param group 0's lr before any schedule: what --lr says
     probe_batches_choice: ProbeBatchesChoice | None = None  # when no option chose them
+    parameter_groups: list[ParameterGroup] | None = None  # --per-layer: the groups it measures
 
     @property
     def probe_batches_by_size(self) -> bool:
@@ -512,10 +527,12 @@ class PreparedRun:
         """The mean work of ``records``' probes: gradients and HVPs (both solvers': the Hessian
         norm's and, with Adam, the preconditioned sharpness's) over the probe batches."""
         return probe_work(
-            [r.hvp_count + r.preconditioned_hvp_count for r in records],
+            [r.hvp_count + r.preconditioned_hvp_count + r.group_hvp_count for r in records],
             num_batches=len(self.probe_batches),
             estimators=self.config.estimators,
             num_fd_points=len(self.config.fd_points),
+            group_hvp_counts=[r.group_hvp_count for r in records] if self.parameter_groups else (),
+            num_groups=len(self.parameter_groups or ()),
         )
 
     def probing_cost(self, result: RunResult) -> ProbingCost:
@@ -583,6 +600,7 @@ def prepare_run(
         config = dataclasses.replace(config, probe_batches=choice.batches, retain_graphs=retain)
         config.validate()
     parameters = trainable_parameters(model)
+    parameter_groups = resolve_groups(model, config.groups) if config.per_layer else None
     if model_file.make_optimizer is not None:
         optimizer = instantiate_optimizer(model_file, parameters)
     else:
@@ -618,6 +636,7 @@ def prepare_run(
         scaler=scaler,
         initial_lr=initial_lr,
         probe_batches_choice=choice,
+        parameter_groups=parameter_groups,
     )
 
 
@@ -679,6 +698,7 @@ def train(
         distributed=run.comm is not None,
         process_group=None if run.comm is None else run.comm.group,
         optimizer=run.optimizer,
+        groups=run.parameter_groups,
     )
     started = time.perf_counter()
     batches = _cycle(model_file, run.loader)

@@ -31,7 +31,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,7 +75,18 @@ TRAIN_COLUMNS: dict[str, type] = {
     "skipped": np.uint8,  # --amp fp16: the GradScaler skipped the update (gradient overflow)
 }
 REQUIRED_PROBE_COLUMNS = ("step", "loss", "grad_norm", "smoothness_fd", "hessian_norm")
-GROUPS = {"probes": PROBE_COLUMNS, "train": TRAIN_COLUMNS}
+LAYER_COLUMNS: dict[str, type] = {
+    "step": np.int64,
+    "group": np.int64,  # the group's position in the "layout" attribute of groups/
+    "grad_norm": np.float64,
+    "hessian_norm": np.float64,
+    "hessian_eig": np.float64,
+    "hvp_count": np.int64,
+    "hessian_converged": np.uint8,
+}
+"""``groups/``, written by a per-layer run only: one row per group of each probe. Format
+version 1 readers that know only ``probes/`` and ``train/`` read such a file unchanged."""
+GROUPS = {"probes": PROBE_COLUMNS, "train": TRAIN_COLUMNS, "groups": LAYER_COLUMNS}
 _FILL = {np.int64: -1, np.uint8: 0}
 
 # Trajectory.status: how the file's writer left it.
@@ -147,6 +158,11 @@ class TrajectoryWriter:
     ``attributes`` become root attributes (``config`` is stored as JSON text); attributes set
     after the first row are written at ``close()``. An existing file is replaced only with
     ``overwrite``, and only once the new file is ready.
+
+    ``groups`` (a per-layer probe's ``parameter_groups``) adds the ``groups/`` section, whose
+    ``layout`` attribute (JSON) names each group, its patterns, parameters and size; a probe
+    row's ``groups`` measurements are then written there. Without it, a row that holds group
+    measurements is refused: its per-layer data would be lost.
     """
 
     def __init__(
@@ -156,8 +172,10 @@ class TrajectoryWriter:
         attributes: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         train_flush_seconds: float = 2.0,
+        groups: Sequence[Any] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._layout = _layout_of(groups) if groups else None
         if self.path.is_dir():
             raise TrajectoryError(f"{self.path}: is a directory")
         if self.path.exists() and not overwrite:
@@ -184,7 +202,11 @@ class TrajectoryWriter:
             for key, value in (attributes or {}).items():
                 self._write_attribute(self._file, key, value)
             for group_name, columns in GROUPS.items():
+                if group_name == "groups" and self._layout is None:
+                    continue  # the default run's file: no per-layer section
                 group = self._file.create_group(group_name)
+                if group_name == "groups":
+                    group.attrs["layout"] = json.dumps(self._layout)
                 for name, dtype in columns.items():
                     group.create_dataset(
                         name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,)
@@ -237,7 +259,7 @@ class TrajectoryWriter:
             column[start:] = np.asarray(values, dtype=dtype)
         if group_name == "probes":
             self.num_probe_rows += len(rows)
-        else:
+        elif group_name == "train":
             self.num_train_rows += len(rows)
 
     @contextlib.contextmanager
@@ -254,10 +276,35 @@ class TrajectoryWriter:
     def append_probe(self, row: Mapping[str, Any] | Any) -> None:
         """Write one probe row (a mapping or an object with ``as_row()``) and flush."""
         mapping = row.as_row() if hasattr(row, "as_row") else row
+        group_rows = self._group_rows(mapping)
         with self._writing():
             self._write_train_buffer()
             self._append("probes", [mapping])
+            self._append("groups", group_rows)
             self._flush()
+
+    def _group_rows(self, mapping: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The ``groups/`` rows of a probe row's group measurements (a list of mappings or of
+        objects with those attributes), each with the probe's step and its group's position."""
+        measured = list(mapping.get("groups") or ())
+        if not measured:
+            return []
+        if self._layout is None:
+            raise TrajectoryError(
+                f"{self.path}: the probe row holds per-layer measurements, but the writer has "
+                "no groups; create it with TrajectoryWriter(..., groups=probe.parameter_groups)"
+            )
+        positions = {entry["name"]: index for index, entry in enumerate(self._layout)}
+        rows = []
+        for item in measured:
+            values = item if isinstance(item, Mapping) else vars(item)
+            if values.get("group") not in positions:
+                raise TrajectoryError(
+                    f"{self.path}: group {values.get('group')!r} is not one of the writer's "
+                    f"({', '.join(positions)})"
+                )
+            rows.append({**values, "step": mapping["step"], "group": positions[values["group"]]})
+        return rows
 
     def append_train(self, row: Mapping[str, Any]) -> None:
         """Buffer one training-step row; written with the next probe or flush."""
@@ -330,6 +377,55 @@ class TrajectoryWriter:
         self.close()
 
 
+def _layout_of(groups: Sequence[Any]) -> list[dict[str, Any]]:
+    """The ``layout`` attribute from parameter groups (objects with ``name``, ``patterns``,
+    ``parameter_names`` and ``size``, as ``groups.ParameterGroup``) or from such mappings."""
+    layout = []
+    for group in groups:
+        if isinstance(group, Mapping):
+            entry = {
+                "name": str(group["name"]),
+                "patterns": [str(p) for p in group.get("patterns", ())],
+                "parameters": [str(p) for p in group.get("parameters", ())],
+                "size": int(group.get("size", 0)),
+            }
+        else:
+            entry = {
+                "name": str(group.name),
+                "patterns": [str(p) for p in group.patterns],
+                "parameters": [str(p) for p in group.parameter_names],
+                "size": int(group.size),
+            }
+        layout.append(entry)
+    names = [entry["name"] for entry in layout]
+    if len(set(names)) != len(names):
+        raise TrajectoryError(f"parameter group names must be distinct, got {names}")
+    return layout
+
+
+@dataclass(frozen=True, eq=False)  # arrays: == would be ambiguous
+class LayerGroups:
+    """The ``groups/`` section of a per-layer run: the groups and one row per group per probe.
+
+    ``names``, ``patterns``, ``parameters`` (parameter names) and ``sizes`` (scalars) describe
+    each group in order; ``columns`` (``LAYER_COLUMNS``) hold the rows, ``group`` being the
+    group's position in ``names``.
+    """
+
+    names: tuple[str, ...]
+    patterns: tuple[tuple[str, ...], ...]
+    parameters: tuple[tuple[str, ...], ...]
+    sizes: tuple[int, ...]
+    columns: dict[str, np.ndarray] = field(repr=False)
+
+    def series(self, name: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """The steps and values of ``column`` for the group ``name``, in step order."""
+        rows = self.columns["group"] == self.names.index(name)
+        steps = self.columns["step"][rows]
+        order = np.argsort(steps, kind="stable")
+        return steps[order], self.columns[column][rows][order]
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """A trajectory file's contents: root attributes, the run config, and the columns.
@@ -347,6 +443,7 @@ class Trajectory:
     train: dict[str, np.ndarray] = field(repr=False)
     status: str = CLOSED
     incomplete_rows: int = 0
+    groups: LayerGroups | None = field(default=None, repr=False)  # a per-layer run's groups/
 
     @property
     def num_probes(self) -> int:
@@ -452,6 +549,7 @@ def read_trajectory(path: str | Path) -> Trajectory:
             train, cut_train = (
                 _read_group(path, handle, "train", ("step",)) if "train" in handle else ({}, 0)
             )
+            groups = _read_layer_groups(path, handle, probes["step"])
     except TrajectoryError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:
@@ -472,6 +570,36 @@ def read_trajectory(path: str | Path) -> Trajectory:
         train=train,
         status=status,
         incomplete_rows=cut_probes + cut_train,
+        groups=groups,
+    )
+
+
+def _read_layer_groups(path: Path, handle: h5py.File, probe_steps: np.ndarray):
+    """The ``groups/`` section, or None for a file without one. Rows whose probe row is not
+    complete (a crash between the two) are left out, as are rows of unknown groups."""
+    if "groups" not in handle:
+        return None
+    if not isinstance(handle["groups"], h5py.Group):
+        raise TrajectoryError(f"{path}: 'groups' is not an HDF5 group")
+    try:
+        layout = json.loads(_attribute_value(handle["groups"].attrs["layout"]))
+        names = tuple(str(entry["name"]) for entry in layout)
+        patterns = tuple(tuple(str(p) for p in entry["patterns"]) for entry in layout)
+        parameters = tuple(tuple(str(p) for p in entry["parameters"]) for entry in layout)
+        sizes = tuple(int(entry["size"]) for entry in layout)
+    except (KeyError, TypeError, ValueError) as error:
+        raise TrajectoryError(
+            f"{path}: groups/ has no readable layout attribute ({_one_line(error)})"
+        ) from None
+    columns, _ = _read_group(path, handle, "groups", tuple(LAYER_COLUMNS))
+    keep = np.isin(columns["step"], probe_steps) & (columns["group"] >= 0)
+    keep &= columns["group"] < len(names)
+    return LayerGroups(
+        names=names,
+        patterns=patterns,
+        parameters=parameters,
+        sizes=sizes,
+        columns={name: values[keep] for name, values in columns.items()},
     )
 
 

@@ -1,0 +1,281 @@
+"""The step-size search: short trial runs from the initialization at step sizes doubling from
+the stability threshold that the profile measured there.
+
+Why a search, and why from there. Gradient descent on a quadratic with top Hessian eigenvalue
+λ is stable exactly for steps below 2/λ (with heavy-ball momentum β, below (2 + 2β)/λ), so the
+profile's first probe, at the initialization, gives the step at which the first steps become
+unstable: ``stability_step``. Above it, networks often still train: the loss is not quadratic
+along its sharpest directions (cross-entropy flattens as logits grow), a large first step
+catapults the iterate to a flatter region (Lewkowycz et al. 2020), and along the run the
+sharpness adapts to the step (the edge of stability, Cohen et al. 2021). How far above depends
+on the model: on the models of benchmarks/vs_practice.py the best fixed step lay between 0.6
+and 8 times 2/λ0. No formula in λ0 predicts it, so the search measures it: trials of
+``trial_steps`` optimizer steps at lr = 2/λ0 · 2^k for k = -2, -1, 0, 1, ..., each from the same
+initialization and the same batches as the run, until a trial diverges or ends no lower than it
+began; the recommended step is the trial with the lowest loss on the probe batches at its end.
+
+The data classes and the choice are pure (``smoothprof fit`` reads them from the trajectory
+file without torch); ``search_step_size`` runs the trials.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .train import PreparedRun
+
+FIRST_POWER = -2  # the first trial: a quarter of the stability step
+MAX_TRIALS = 10  # up to 2^7 times the stability step
+MIN_TRIAL_STEPS = 20
+TRIAL_SHARE = 0.1  # a trial is a tenth of the run's steps (at least MIN_TRIAL_STEPS)
+ATTRIBUTE = "step_size_search"  # the trajectory file's attribute holding the search
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial: ``trial_steps`` steps at ``lr`` from the initialization; the loss on the
+    probe batches before (``loss_start``) and after (``loss_end``; inf when it diverged)."""
+
+    lr: float
+    loss_start: float
+    loss_end: float
+    diverged_at: int | None = None
+
+    @property
+    def stable(self) -> bool:
+        """Trained: did not diverge and ended below where it began."""
+        return self.diverged_at is None and math.isfinite(self.loss_end) and (
+            self.loss_end < self.loss_start
+        )
+
+
+@dataclass(frozen=True)
+class StepSizeSearch:
+    """The trials of one search and where they started from.
+
+    ``stability_step`` is the step the grid doubles from: (2 + 2 momentum)/λ0 for (momentum) SGD
+    with λ0 the Hessian norm at ``stability_probe_step``, or the run's own lr (``base`` says
+    which). ``clip``: the run's own clip threshold, which every trial used (None: unclipped).
+    """
+
+    trial_steps: int
+    stability_step: float
+    base: str  # e.g. "2/λ0 with λ0 = 12.1 at step 0" or "the run's lr"
+    trials: tuple[Trial, ...]
+    clip: float | None = None
+    optimizer: str | None = None
+
+    @property
+    def best(self) -> Trial | None:
+        """The stable trial with the lowest loss at its end (the smaller lr on a tie)."""
+        stable = [t for t in self.trials if t.stable]
+        return min(stable, key=lambda t: (t.loss_end, t.lr)) if stable else None
+
+    @property
+    def largest_stable(self) -> Trial | None:
+        stable = [t for t in self.trials if t.stable]
+        return max(stable, key=lambda t: t.lr) if stable else None
+
+    @property
+    def first_unstable(self) -> Trial | None:
+        unstable = [t for t in self.trials if not t.stable]
+        return min(unstable, key=lambda t: t.lr) if unstable else None
+
+    @property
+    def total_steps(self) -> int:
+        """The optimizer steps the trials took, counting a diverged trial's up to its stop."""
+        return sum(
+            self.trial_steps if t.diverged_at is None else t.diverged_at + 1 for t in self.trials
+        )
+
+    def summary(self) -> str:
+        """One line for the run's closing summary."""
+        if not self.trials:
+            return "step-size search: no trials"
+        lrs = [t.lr for t in self.trials]
+        text = (
+            f"step-size search: {len(self.trials)} trials of {self.trial_steps} steps from the "
+            f"initialization, lr {min(lrs):.3g} to {max(lrs):.3g} (doubling from a quarter of "
+            f"the stability step {self.stability_step:.3g}: {self.base})"
+        )
+        best = self.best
+        if best is None:
+            return text + "; none trained: profile at a smaller lr"
+        return text + f"; best lr {best.lr:.3g} (loss {best.loss_start:.4g} -> {best.loss_end:.4g})"
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["trials"] = [asdict(t) for t in self.trials]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StepSizeSearch:
+        """The search as ``as_json`` wrote it; ValueError when it is not one."""
+        try:
+            trials = tuple(
+                Trial(
+                    lr=float(t["lr"]),
+                    loss_start=float(t["loss_start"]),
+                    loss_end=float(t["loss_end"]),
+                    diverged_at=None if t.get("diverged_at") is None else int(t["diverged_at"]),
+                )
+                for t in data["trials"]
+            )
+            clip = data.get("clip")
+            return cls(
+                trial_steps=int(data["trial_steps"]),
+                stability_step=float(data["stability_step"]),
+                base=str(data["base"]),
+                trials=trials,
+                clip=None if clip is None else float(clip),
+                optimizer=data.get("optimizer"),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a step-size search: {error}") from None
+
+
+def trial_steps_for(num_steps: int) -> int:
+    """A trial's length for a run of ``num_steps``: a tenth of it, at least 20 steps."""
+    return max(MIN_TRIAL_STEPS, int(num_steps * TRIAL_SHARE))
+
+
+def stability_step(
+    hessian_norm: float | None, *, optimizer: str, momentum: float = 0.0
+) -> float | None:
+    """The largest stable step of (momentum) SGD on a quadratic whose top eigenvalue is the
+    measured Hessian norm: 2/λ, (2 + 2β)/λ with momentum β; None for other optimizers or
+    without a usable measurement.
+
+    >>> stability_step(4.0, optimizer="sgd")
+    0.5
+    >>> stability_step(4.0, optimizer="momentum", momentum=0.9)
+    0.95
+    """
+    if hessian_norm is None or not (math.isfinite(hessian_norm) and hessian_norm > 0):
+        return None
+    if optimizer == "sgd":
+        return 2.0 / hessian_norm
+    if optimizer == "momentum":
+        return (2.0 + 2.0 * momentum) / hessian_norm
+    return None
+
+
+def run_trials(
+    base_lr: float, trial: Callable[[float], Trial], *, max_trials: int = MAX_TRIALS
+) -> list[Trial]:
+    """Trials at base_lr · 2^k for k = FIRST_POWER, FIRST_POWER + 1, ..., until one is not
+    stable (diverged, or ended no lower than it began) or ``max_trials`` ran."""
+    trials = []
+    for k in range(FIRST_POWER, FIRST_POWER + max_trials):
+        result = trial(base_lr * 2.0**k)
+        trials.append(result)
+        if not result.stable:
+            break
+    return trials
+
+
+def search_step_size(run: PreparedRun, *, first_hessian_norm: float | None, at_step: int | None):
+    """Run the search for a prepared run (after its training: it builds its own model, optimizer
+    and batches, so the run's own state is untouched). The trials train as the run did: its
+    optimizer (the options' or the model file's, every param group's lr scaled alike), scheduler,
+    clip, autocast and accumulation, from the same seed."""
+    import dataclasses
+
+    import torch
+
+    from .loading import (
+        instantiate_model,
+        instantiate_optimizer,
+        instantiate_scheduler,
+        make_dataloader,
+    )
+    from .objective import trainable_parameters
+    from .probe import unchanged_model_state
+    from .train import (
+        _accumulate_gradients,
+        _cycle,
+        _optimizer_step,
+        gradient_norm,
+        make_grad_scaler,
+        make_optimizer,
+        seed_everything,
+        step_scheduler,
+    )
+
+    config, model_file = run.config, run.model_file
+    name = run.optimizer_name
+    momentum = config.momentum
+    if run.optimizer_from_file and name == "momentum":
+        momentum = float(run.optimizer.param_groups[0].get("momentum", 0.0))
+    stable = stability_step(first_hessian_norm, optimizer=name, momentum=momentum)
+    if stable is not None:
+        threshold = "2" if name == "sgd" else f"(2 + 2·{momentum:g})"
+        base = f"{threshold}/λ0 with λ0 = {first_hessian_norm:.4g} at step {at_step}"
+    else:
+        stable = float(run.initial_lr)
+        base = "the run's lr"
+    steps = trial_steps_for(config.steps)
+
+    def probe_loss(model: torch.nn.Module) -> float:
+        values = []
+        with unchanged_model_state(model, run.device), torch.no_grad():
+            if config.probe_mode == "eval":
+                model.eval()
+            for index, batch in enumerate(run.probe_batches):
+                torch.manual_seed(config.seed + index)
+                values.append(float(model_file.call_loss(model, batch)))
+        return math.fsum(values) / len(values)
+
+    def trial(lr: float) -> Trial:
+        seed_everything(config.seed)
+        model = instantiate_model(model_file).to(run.device)
+        model.train()
+        parameters = trainable_parameters(model)
+        if model_file.make_optimizer is not None:
+            optimizer = instantiate_optimizer(model_file, parameters)
+            factor = lr / float(optimizer.param_groups[0]["lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = float(group["lr"]) * factor
+        else:
+            optimizer = make_optimizer(dataclasses.replace(config, lr=lr), parameters)
+        scheduler = None
+        if model_file.make_scheduler is not None:
+            scheduler = instantiate_scheduler(model_file, optimizer)
+        trial_run = dataclasses.replace(
+            run,
+            model=model,
+            train_model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=make_grad_scaler(config, run.device),
+            loader=make_dataloader(model_file),
+            comm=None,
+        )
+        start = probe_loss(model)  # leaves the random state as the run had it here
+        batches = _cycle(model_file, trial_run.loader)
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = _accumulate_gradients(trial_run, model, batches)
+            if trial_run.scaler is not None:
+                trial_run.scaler.unscale_(optimizer)
+            norm = gradient_norm(parameters, config.clip)
+            if not math.isfinite(loss) or (trial_run.scaler is None and not math.isfinite(norm)):
+                return Trial(lr, start, math.inf, diverged_at=step)
+            skipped = _optimizer_step(trial_run)
+            if scheduler is not None and not skipped:
+                step_scheduler(model_file, scheduler, loss)
+        end = probe_loss(model)
+        return Trial(lr, start, end if math.isfinite(end) else math.inf)
+
+    return StepSizeSearch(
+        trial_steps=steps,
+        stability_step=stable,
+        base=base,
+        trials=tuple(run_trials(stable, trial)),
+        clip=config.clip,
+        optimizer=name,
+    )

@@ -1,0 +1,215 @@
+"""The step-size search: its choice (pure), its trials against a quadratic whose stability
+threshold is known, and what `run` and `fit` do with it."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from smoothprof.analysis import analyze
+from smoothprof.fit import FitError, fit_envelope
+from smoothprof.loading import load_model_file
+from smoothprof.recommend import ProfilingRun, recommend
+from smoothprof.step_search import (
+    ATTRIBUTE,
+    StepSizeSearch,
+    Trial,
+    run_trials,
+    search_step_size,
+    stability_step,
+    trial_steps_for,
+)
+from smoothprof.train import RunConfig, prepare_run, train
+from smoothprof.trajectory import read_trajectory
+from tests.test_cli import invoke
+
+# Full-batch least squares: f(w) = mean((Xw - y)^2) / 2 has the constant Hessian X'X/n, so
+# gradient descent is stable exactly below 2/λ_max(X'X/n).
+QUADRATIC = """
+import torch
+from torch import nn
+
+def model():
+    layer = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    return layer
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g) * torch.tensor([3.0, 1.0, 0.3])
+    return x, x @ torch.tensor([[1.0], [-2.0], [0.5]])
+
+def dataloader():
+    return [_data()]
+
+def loss(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean() / 2
+"""
+
+
+def quadratic_sharpness() -> float:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(32, 3, generator=g) * torch.tensor([3.0, 1.0, 0.3])).double()
+    return float(torch.linalg.eigvalsh(x.T @ x / 32).max())
+
+
+def test_stability_step_is_the_linear_stability_threshold():
+    assert stability_step(4.0, optimizer="sgd") == 0.5
+    assert stability_step(4.0, optimizer="momentum", momentum=0.5) == pytest.approx(0.75)
+    assert stability_step(4.0, optimizer="adam") is None
+    assert stability_step(float("nan"), optimizer="sgd") is None
+    assert stability_step(0.0, optimizer="sgd") is None
+    assert [trial_steps_for(n) for n in (10, 200, 500, 5000)] == [20, 20, 50, 500]
+
+
+def test_trials_double_until_one_does_not_train_and_the_lowest_end_wins():
+    ends = {0.25: 2.0, 0.5: 1.0, 1.0: 0.5, 2.0: 0.7, 4.0: 3.5, 8.0: 0.1}
+    seen = []
+
+    def trial(lr):
+        seen.append(lr)
+        return Trial(lr, 3.0, ends[lr])
+
+    trials = run_trials(1.0, trial)
+    assert seen == [0.25, 0.5, 1.0, 2.0, 4.0]  # 4.0 ends above its start: the last one
+    search = StepSizeSearch(50, 1.0, "2/λ0", tuple(trials))
+    assert search.best.lr == 1.0 and search.largest_stable.lr == 2.0
+    assert search.first_unstable.lr == 4.0
+    assert search.total_steps == 250
+    diverged = Trial(8.0, 3.0, math.inf, diverged_at=4)
+    assert not diverged.stable
+    assert StepSizeSearch(50, 1.0, "x", (*trials, diverged)).total_steps == 255
+    assert len(run_trials(1.0, lambda lr: Trial(lr, 3.0, 1.0), max_trials=4)) == 4
+
+
+def test_a_search_survives_its_json_with_infinities():
+    search = StepSizeSearch(
+        20, 0.5, "2/λ0 with λ0 = 4 at step 0",
+        (Trial(0.125, 2.0, 1.0), Trial(0.25, 2.0, math.inf, diverged_at=3)), clip=1.5,
+        optimizer="sgd",
+    )  # fmt: skip
+    assert StepSizeSearch.from_json(json.loads(json.dumps(search.as_json()))) == search
+    with pytest.raises(ValueError, match="not a step-size search"):
+        StepSizeSearch.from_json({"trials": [{"lr": 1}]})
+
+
+def test_on_a_quadratic_the_search_stops_at_the_stability_threshold(tmp_path):
+    path = tmp_path / "quadratic.py"
+    path.write_text(QUADRATIC)
+    config = RunConfig.from_options({}, {"steps": 200, "lr": 0.01, "num_probes": 3})
+    run = prepare_run(load_model_file(path), config)
+    result = train(run)
+    sharpness = quadratic_sharpness()
+    first = result.probes[0]
+    assert first.step == 0 and first.hessian_norm == pytest.approx(sharpness, rel=1e-3)
+    search = search_step_size(run, first_hessian_norm=first.hessian_norm, at_step=0)
+    threshold = 2 / sharpness
+    assert search.stability_step == pytest.approx(threshold, rel=1e-3)
+    assert search.trial_steps == 20
+    lrs = [t.lr for t in search.trials]
+    assert lrs == pytest.approx([threshold * 2.0**k for k in range(-2, len(lrs) - 2)], rel=1e-3)
+    # Below the threshold every trial trains; the first above it does not, and ends the search.
+    assert all(t.stable for t in search.trials if t.lr < 0.99 * threshold)
+    assert not search.trials[-1].stable and search.trials[-1].lr > 1.01 * threshold
+    assert search.best.lr < threshold
+    # The run's own state is untouched: the model trained by the run keeps its weights.
+    weights = run.model.weight.detach().clone()
+    search_step_size(run, first_hessian_norm=first.hessian_norm, at_step=0)
+    assert torch.equal(run.model.weight, weights)
+
+
+def test_run_writes_the_search_and_fit_recommends_its_best_step(tmp_path):
+    path = tmp_path / "quadratic.py"
+    path.write_text(QUADRATIC)
+    searched, plain = tmp_path / "searched.h5", tmp_path / "plain.h5"
+    options = ("--steps", "100", "--lr", "0.01", "--num-probes", "10")
+    result = invoke("run", path, "-o", searched, *options)
+    assert result.exit_code == 0, result.output
+    assert "step-size search: 4 trials of 20 steps from the initialization" in result.stdout
+    assert invoke("run", path, "-o", plain, *options, "--no-lr-search").exit_code == 0
+    with_search, without = read_trajectory(searched), read_trajectory(plain)
+    # The search runs after training: the training rows are the same, bit for bit.
+    for column in ("loss", "grad_norm"):
+        assert np.array_equal(with_search.train[column], without.train[column])
+    assert ATTRIBUTE not in without.attributes
+    search = StepSizeSearch.from_json(json.loads(with_search.attributes[ATTRIBUTE]))
+    headline = analyze(searched, bootstrap=0).recommendations.headline
+    assert headline.rule == "searched-step" and headline.step_size == search.best.lr
+    assert analyze(plain, bootstrap=0).recommendations.headline.rule != "searched-step"
+    fitted = invoke("fit", searched)
+    assert fitted.exit_code == 0 and "Headline: lr = " in fitted.stdout
+
+
+def test_a_run_without_probes_does_not_search(tmp_path):
+    path = tmp_path / "quadratic.py"
+    path.write_text(QUADRATIC)
+    out = tmp_path / "x.h5"
+    result = invoke("run", path, "-o", out, "--steps", "5", "--probe-every", "0")
+    assert result.exit_code == 0, result.output
+    assert "step-size search" not in result.stdout
+    assert ATTRIBUTE not in read_trajectory(out).attributes
+
+
+def test_a_diverged_profile_points_to_the_step_its_search_found(tmp_path):
+    path = tmp_path / "quadratic.py"
+    path.write_text(QUADRATIC)
+    out = tmp_path / "diverged.h5"
+    result = invoke("run", path, "-o", out, "--steps", "200", "--lr", "1e12")
+    assert result.exit_code == 3, result.output
+    with pytest.raises(FitError, match=r"its step-size search found lr .* to train"):
+        analyze(out, bootstrap=0)
+    fitted = invoke("fit", out)
+    assert fitted.exit_code == 1 and "smoothprof run MODEL.py --lr " in fitted.stderr
+
+
+def _fit(grad_norms, smoothness):
+    return fit_envelope(np.array(grad_norms), np.array(smoothness), num_bootstrap=0)
+
+
+GROWING = ([0.2, 0.5, 1.0, 2.0, 4.0] * 5, [1.2, 1.5, 2.0, 3.0, 5.0] * 5)
+
+
+def test_the_searched_headline_clips_only_where_the_clip_acts():
+    fit = _fit(*GROWING)  # L0 ~ 1, L1 ~ 1: c ~ 1, below G_max = 4
+    search = StepSizeSearch(50, 0.4, "2/λ0", (Trial(0.1, 3, 2), Trial(0.2, 3, 1), Trial(0.4, 3, 4)))
+    advice = recommend(fit, profile=ProfilingRun(lr=0.1, optimizer="sgd"), search=search)
+    assert advice.headline.rule == "searched-step"
+    assert advice.headline.step_size == 0.2
+    assert advice.headline.clip_threshold == pytest.approx(fit.L0 / fit.L1)
+    assert advice.sweep_lrs == (0.1, 0.2)
+    # c above every measured gradient norm would never act: no clip.
+    flat = _fit([0.1, 0.2, 0.3] * 5, [5.0, 5.1, 5.3] * 5)
+    assert flat.L0 / flat.L1 > flat.G_max
+    advice = recommend(flat, profile=ProfilingRun(lr=0.1, optimizer="sgd"), search=search)
+    assert advice.headline.clip_threshold is None
+    assert "would never act" in advice.headline.note
+    # A clipped profile's trials were clipped at its threshold: that clip stays.
+    clipped = StepSizeSearch(50, 0.4, "2/λ0", search.trials, clip=0.5)
+    advice = recommend(fit, profile=ProfilingRun(lr=0.1, clip=0.5), search=clipped)
+    assert advice.headline.clip_threshold == 0.5
+
+
+def test_a_search_where_nothing_trained_says_so_and_falls_back():
+    fit = _fit(*GROWING)
+    search = StepSizeSearch(50, 0.4, "2/λ0", (Trial(0.1, 3, math.inf, diverged_at=2),))
+    advice = recommend(fit, profile=ProfilingRun(lr=0.1, optimizer="sgd"), search=search)
+    assert advice.headline.rule != "searched-step"
+    assert any("none of the step-size search's 1 trial trained" in w for w in advice.warnings)
+
+
+def test_without_a_search_a_clip_that_never_acts_does_not_license_a_longer_step():
+    """The GPT-2 case: c far above every measured gradient norm, so 5 x the profiling lr would
+    run unclipped; the step is held to the stability threshold 2/L_max instead."""
+    flat = _fit([0.5, 1.0, 2.0, 3.87] * 5, [60.0, 61.0, 62.0, 63.0] * 5)
+    assert flat.L0 / flat.L1 > flat.G_max
+    advice = recommend(flat, profile=ProfilingRun(lr=0.1, optimizer="sgd"))
+    assert advice.headline.step_size == pytest.approx(2 / flat.L_max)
+    assert advice.headline.step_size < 0.5
+    assert any("would never act" in w for w in advice.warnings)
+    # Where the clip acts, the measured rule is unchanged.
+    acting = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1, optimizer="sgd"))
+    assert acting.headline.step_size == pytest.approx(0.5)
