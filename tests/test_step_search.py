@@ -183,7 +183,7 @@ def test_the_searched_headline_clips_only_where_the_clip_acts():
     assert advice.sweep_lrs == (0.1, 0.2)
     # c above every measured gradient norm would never act: no clip.
     flat = _fit([0.1, 0.2, 0.3] * 5, [5.0, 5.1, 5.3] * 5)
-    assert flat.L0 / flat.L1 > flat.G_max
+    assert flat.G_max < flat.L0 / flat.L1
     advice = recommend(flat, profile=ProfilingRun(lr=0.1, optimizer="sgd"), search=search)
     assert advice.headline.clip_threshold is None
     assert "would never act" in advice.headline.note
@@ -205,7 +205,7 @@ def test_without_a_search_a_clip_that_never_acts_does_not_license_a_longer_step(
     """The GPT-2 case: c far above every measured gradient norm, so 5 x the profiling lr would
     run unclipped; the step is held to the stability threshold 2/L_max instead."""
     flat = _fit([0.5, 1.0, 2.0, 3.87] * 5, [60.0, 61.0, 62.0, 63.0] * 5)
-    assert flat.L0 / flat.L1 > flat.G_max
+    assert flat.G_max < flat.L0 / flat.L1
     advice = recommend(flat, profile=ProfilingRun(lr=0.1, optimizer="sgd"))
     assert advice.headline.step_size == pytest.approx(2 / flat.L_max)
     assert advice.headline.step_size < 0.5
