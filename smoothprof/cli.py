@@ -480,12 +480,19 @@ def _search_step_size(writer: Any, prepared: Any, result: Any, err: Console) -> 
                 prepared,
                 first_hessian_norm=None if first is None else first.hessian_norm,
                 at_step=None if first is None else first.step,
+                trained=_trained(result),
             )
     except KeyboardInterrupt:
         err.print("step-size search interrupted: the run's rows are kept without it", markup=False)
         return None
     writer.set_attribute(ATTRIBUTE, json.dumps(search.as_json()))
     return search
+
+
+def _trained(result: Any) -> bool:
+    """The run finished without diverging, its last probe's loss below its first's."""
+    losses = [r.loss for r in result.probes if math.isfinite(r.loss)]
+    return not result.diverged and len(losses) >= 2 and losses[-1] < losses[0]
 
 
 def _load_run(model_file: Path, overrides: dict[str, Any], no_clip: bool) -> tuple[Any, RunConfig]:

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .train import PreparedRun
 
-FIRST_POWER = -2  # the first trial: a quarter of the stability step
-MAX_TRIALS = 10  # up to 2^7 times the stability step
+FIRST_POWER = -2  # the first trial: a quarter of the starting step
+MAX_TRIALS = 30  # a bound only: a search ends where the trials stop training or improving
+PAST_SHARE = 0.5  # a trial that keeps less than half the best trial's progress is past the best
 MIN_TRIAL_STEPS = 20
 TRIAL_SHARE = 0.1  # a trial is a tenth of the run's steps (at least MIN_TRIAL_STEPS)
 ATTRIBUTE = "step_size_search"  # the trajectory file's attribute holding the search
@@ -168,21 +169,35 @@ def run_trials(
     base_lr: float, trial: Callable[[float], Trial], *, max_trials: int = MAX_TRIALS
 ) -> list[Trial]:
     """Trials at base_lr · 2^k for k = FIRST_POWER, FIRST_POWER + 1, ..., until one is not
-    stable (diverged, or ended no lower than it began) or ``max_trials`` ran."""
-    trials = []
+    stable (diverged, or ended no lower than it began), or is past the best step (it kept less
+    than ``PAST_SHARE`` of the best trial's progress), or ``max_trials`` ran."""
+    trials: list[Trial] = []
     for k in range(FIRST_POWER, FIRST_POWER + max_trials):
         result = trial(base_lr * 2.0**k)
         trials.append(result)
         if not result.stable:
             break
+        best = min(t.loss_end for t in trials if t.stable)
+        if result.loss_start - result.loss_end < PAST_SHARE * (result.loss_start - best):
+            break
     return trials
 
 
-def search_step_size(run: PreparedRun, *, first_hessian_norm: float | None, at_step: int | None):
+def search_step_size(
+    run: PreparedRun,
+    *,
+    first_hessian_norm: float | None,
+    at_step: int | None,
+    trained: bool = False,
+) -> StepSizeSearch:
     """Run the search for a prepared run (after its training: it builds its own model, optimizer
     and batches, so the run's own state is untouched). The trials train as the run did: its
     optimizer (the options' or the model file's, every param group's lr scaled alike), scheduler,
-    clip, autocast and accumulation, from the same seed."""
+    clip, autocast and accumulation, from the same seed.
+
+    The grid doubles from a quarter of the stability step 2/λ0 (``first_hessian_norm``, measured
+    at ``at_step``), or of the run's own lr when the run ``trained`` (finished without
+    diverging, its loss lower at the end) at an lr above that step."""
     import dataclasses
 
     import torch
@@ -215,6 +230,9 @@ def search_step_size(run: PreparedRun, *, first_hessian_norm: float | None, at_s
     if stable is not None:
         threshold = "2" if name == "sgd" else f"(2 + 2·{momentum:g})"
         base = f"{threshold}/λ0 with λ0 = {first_hessian_norm:.4g} at step {at_step}"
+        if trained and run.initial_lr > stable:  # the run showed a longer step to train
+            base = f"the run's lr, which trained, above {base} = {stable:.3g}"
+            stable = float(run.initial_lr)
     else:
         stable = float(run.initial_lr)
         base = "the run's lr"
