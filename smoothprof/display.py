@@ -586,11 +586,14 @@ def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendat
     when they name none or several; relative to the working directory when below it), the
     options they ran with (``profile_run_options``) and, when they agree on it, their number of
     processes. None for a profile whose optimizer its model file made: ``--lr`` does not reach
-    that optimizer (the headline's explanation says where to set the sweep's lr)."""
+    that optimizer (the headline's explanation says where to set the sweep's lr); none for a
+    trainer callback's profile, which ``smoothprof run`` does not train."""
     if recs.headline.clip_threshold is None or not recs.sweep_lrs:
         return []
     if any(t.config.get("optimizer_source") == "model file" for t in trajectories):
         return []  # --lr does not reach the model file's optimizer(): the explanation says so
+    if any(t.config.get("optimizer_source") == "trainer" for t in trajectories):
+        return []  # a trainer callback's run: `smoothprof run` would train another program
     model_files = {str(t.attributes.get("model_file") or "") for t in trajectories}
     model_file = model_files.pop() if len(model_files) == 1 else ""
     world_sizes = {_world_size(t) for t in trajectories}

@@ -147,6 +147,10 @@ def test_the_file_records_how_lightning_trained(tmp_path):
             command = ["report", "-o", str(tmp_path / "report")]
         result = CliRunner().invoke(app, [*command, str(tmp_path / "run.h5")])
         assert result.exit_code == 0, result.output
+    # No `smoothprof run MODEL.py` sweep: that would train another program than this one.
+    result = CliRunner().invoke(app, ["fit", "--bootstrap", "0", str(tmp_path / "run.h5")])
+    assert result.exit_code == 0 and "clip_grad_norm_" in result.output
+    assert "smoothprof run" not in result.output
 
 
 def test_resuming_from_a_checkpoint_appends_to_the_file(tmp_path):
