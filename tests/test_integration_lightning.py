@@ -3,14 +3,18 @@ same trajectory file as `smoothprof run`, the probe's values in the trainer's lo
 what Lightning does (accumulation, clipping, AMP, schedulers, resuming) left as it is."""
 
 import csv
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import ASSETS, REPO
 from torch import nn
 from typer.testing import CliRunner
 
@@ -192,3 +196,20 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     trajectory = read_trajectory(tmp_path / "lightning.h5")
     assert trajectory.num_probes > 3 and math.isfinite(trajectory.probes["hessian_norm"][-1])
+
+
+def test_ddp_every_rank_probes_rank_0_writes_and_the_training_is_unchanged(tmp_path):
+    """Lightning's ddp_spawn, 2 CPU processes: the same weights with and without the callback,
+    one file with every probe."""
+    process = subprocess.run(
+        [sys.executable, str(ASSETS / "lightning_ddp.py"), str(tmp_path / "ddp.h5")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert json.loads(process.stdout.splitlines()[-1]) == {"same_weights": True}
+    trajectory = read_trajectory(tmp_path / "ddp.h5")
+    assert trajectory.status == "closed" and trajectory.attributes["world_size"] == 2
+    assert trajectory.probes["step"].tolist() == [0, 2, 4]
+    assert np.isfinite(trajectory.probes["hessian_norm"]).all()
+    assert trajectory.train["step"].tolist() == list(range(6))
