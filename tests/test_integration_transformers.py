@@ -72,8 +72,8 @@ def training_log(trainer):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"gradient_accumulation_steps": 2, "max_grad_norm": 0.05}],
-    ids=["plain", "accumulate-clip"],
+    [{}, {"gradient_accumulation_steps": 2, "max_grad_norm": 0.05}, {"bf16": True}],
+    ids=["plain", "accumulate-clip", "bf16"],
 )
 def test_probing_is_invisible_to_the_training(tmp_path, options):
     plain = make_trainer(tmp_path / "plain", **options)
@@ -88,6 +88,9 @@ def test_probing_is_invisible_to_the_training(tmp_path, options):
     assert [r.step for r in callback.records] == [0, 3, 6]
     trajectory = read_trajectory(tmp_path / "run.h5")
     assert trajectory.status == "closed" and trajectory.num_probes == 3
+    # Under bf16 autocast the probe still measures the float32 model.
+    assert trajectory.config["amp"] == ("bf16" if options.get("bf16") else None)
+    assert trajectory.config["probe_dtype"] == "float32"
     assert np.isfinite(trajectory.probes["hessian_norm"]).all()
     # The warmup's lr is 0 at step 0: no update, so no finite difference along it.
     fd = trajectory.probes["smoothness_fd"]
