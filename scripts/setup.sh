@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install smoothprof with its test tools and transformers into it.
+# Create .venv (if missing) and install smoothprof with its test tools, transformers, and the
+# trainers of its callbacks (Lightning; the Hugging Face Trainer with accelerate) into it.
 # Where no NVIDIA GPU is present, the CPU build of PyTorch goes in first, so that installing
 # smoothprof does not pull a multi-GB CUDA build. Set SMOOTHPROF_PYTHON to choose the interpreter.
 set -euo pipefail
@@ -20,10 +21,10 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
       || "${pip[@]}" "torch==2.13.0"
   fi
 fi
-# The test tools and transformers (for the GPT-2 sample's tests) must not replace the torch
-# installed above: a constraint file pins it (pip passes PIP_CONSTRAINT on to its subprocesses,
-# so it is a real file, not a pipe).
+# The test tools, transformers (for the GPT-2 sample's tests) and the trainers (for the
+# callbacks' tests) must not replace the torch installed above: a constraint file pins it (pip
+# passes PIP_CONSTRAINT on to its subprocesses, so it is a real file, not a pipe).
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
-PIP_CONSTRAINT="$constraints" "${pip[@]}" -e ".[test,models]"
+PIP_CONSTRAINT="$constraints" "${pip[@]}" -e ".[test,models,lightning,transformers]"

@@ -52,6 +52,7 @@ from .display import (
     recommendations_view,
     series_plot,
     to_ascii,
+    watch_view,
 )
 from .errors import ConfigError, ModelFileError
 from .fit import FitError
@@ -1197,6 +1198,115 @@ def plot(
         ascii_only,
         *(Text.from_ansi(figure) if color else Text(figure) for figure in figures),
     )
+
+
+@app.command()
+def watch(
+    trajectory_file: Annotated[
+        Path,
+        typer.Argument(
+            help="Trajectory file that a run (smoothprof run, a trainer callback) is writing."
+        ),
+    ],
+    interval: Annotated[
+        float, typer.Option(min=0.05, help="Seconds between two reads of the file.")
+    ] = 2.0,
+    width: WidthOption = None,
+    ascii_only: AsciiOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Follow a trajectory file while its run writes it: the latest probes, the loss and the
+    smoothness against the step, and the envelope fitted so far, redrawn every --interval
+    seconds. Ends when the run closes the file (exit code 1 when it stopped without closing it)
+    or on Ctrl-C. In a log (stdout not a terminal), one line per new probe instead."""
+    try:
+        with _user_errors(debug):
+            if sys.stdout.isatty():
+                last = _watch_live(trajectory_file, interval, width, ascii_only)
+            else:
+                last = _watch_lines(trajectory_file, interval)
+            if last.status == "unclosed":
+                raise TrajectoryError(
+                    f"{trajectory_file}: its run stopped without closing it (killed?); its "
+                    f"{plural(last.num_probes, 'probe')} so far are readable (smoothprof fit), "
+                    "and smoothprof repair lets other HDF5 tools open it"
+                )
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _watch_lines(path: Path, interval: float) -> Trajectory:
+    """One line per new probe, then one with where the run ended."""
+    from .watch import follow, probe_line, status_line
+
+    shown, last = 0, None
+    for trajectory in follow(
+        path,
+        interval_seconds=interval,
+        on_waiting=lambda: typer.echo(f"waiting for {path} to appear (Ctrl-C to stop)"),
+    ):
+        if last is None:
+            writer = trajectory.attributes.get("trainer") or trajectory.attributes.get(
+                "model_file", "a run"
+            )
+            typer.echo(f"watching {path}, written by {writer} (Ctrl-C to stop)")
+        if trajectory.num_probes < shown:  # a run resumed from a checkpoint: measured again
+            typer.echo(f"the run resumed: probes from step {_resumed_step(trajectory)} on again")
+            shown = trajectory.num_probes
+        for index in range(shown, trajectory.num_probes):
+            typer.echo(probe_line(trajectory, index))
+        shown, last = trajectory.num_probes, trajectory
+    assert last is not None
+    typer.echo(status_line(last))
+    return last
+
+
+def _resumed_step(trajectory: Trajectory) -> int:
+    steps = trajectory.attributes.get("resumed_at_steps")
+    if isinstance(steps, list) and steps:
+        return int(steps[-1])
+    return int(trajectory.probes["step"][-1]) + 1 if trajectory.num_probes else 0
+
+
+def _watch_live(path: Path, interval: float, width: int | None, ascii_only: bool) -> Trajectory:
+    """The view redrawn in place whenever the file changes."""
+    from rich.live import Live
+
+    from .watch import follow, status_line
+
+    console = Console(highlight=False)
+    color = _use_color() and not ascii_only
+    last = None
+    with Live(console=console, auto_refresh=False) as live:
+
+        def waiting() -> None:
+            live.update(Text(f"waiting for {path} to appear (Ctrl-C to stop)"), refresh=True)
+
+        for trajectory in follow(path, interval_seconds=interval, on_waiting=waiting):
+            out_width = width if width is not None else console.size.width
+            view = watch_view(
+                trajectory,
+                status_line(trajectory),
+                fit=_fit_so_far(trajectory),
+                width=out_width,
+                panel_height=max(6, (console.size.height - 13) // 3),  # the view fits
+                color=color,
+                ascii_only=ascii_only,
+            )
+            live.update(view, refresh=True)
+            last = trajectory
+    assert last is not None
+    return last
+
+
+def _fit_so_far(trajectory: Trajectory) -> Any:
+    """The envelope of the probes so far, as ``watch_view`` draws it; None before there is one."""
+    try:
+        analysis = analyze([trajectory], bootstrap=0)
+    except (FitError, ValueError, TrajectoryError):
+        return None
+    points = analysis.points
+    return points.grad_norm, points.smoothness, analysis.fit, analysis.estimator
 
 
 @app.command()

@@ -588,11 +588,14 @@ def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendat
     when they name none or several; relative to the working directory when below it), the
     options they ran with (``profile_run_options``) and, when they agree on it, their number of
     processes. None for a profile whose optimizer its model file made: ``--lr`` does not reach
-    that optimizer (the headline's explanation says where to set the sweep's lr)."""
+    that optimizer (the headline's explanation says where to set the sweep's lr); none for a
+    trainer callback's profile, which ``smoothprof run`` does not train."""
     if recs.headline.clip_threshold is None or not recs.sweep_lrs:
         return []
     if any(t.config.get("optimizer_source") == "model file" for t in trajectories):
         return []  # --lr does not reach the model file's optimizer(): the explanation says so
+    if any(t.config.get("optimizer_source") == "trainer" for t in trajectories):
+        return []  # a trainer callback's run: `smoothprof run` would train another program
     model_files = {str(t.attributes.get("model_file") or "") for t in trajectories}
     model_file = model_files.pop() if len(model_files) == 1 else ""
     world_sizes = {_world_size(t) for t in trajectories}
@@ -956,3 +959,58 @@ def group_envelope_plot(
     plt.title("per-layer envelopes: ||H_kk|| against the group's gradient norm")
     plt.xlabel("group gradient norm")
     return _finish(plt.build(), color=color, ascii_only=ascii_only)
+def watch_view(
+    trajectory: Trajectory,
+    header: str,
+    *,
+    fit: tuple[np.ndarray, np.ndarray, EnvelopeFit, str] | None = None,
+    width: int = 100,
+    panel_height: int = 10,
+    latest: int = 5,
+    color: bool = False,
+    ascii_only: bool = False,
+) -> Group:
+    """``smoothprof watch``'s screen: ``header``, the latest probes, the loss and both
+    smoothness estimates against the step, and the envelope fitted so far (``fit``: gradient
+    norms, smoothness, the fit and its estimator's name; None before there is one)."""
+    probes = trajectory.probes
+    table = _table(f"latest probes ({trajectory.num_probes} so far)", ascii_only)
+    for name in ("step", "loss", "|grad|", "||Hessian||", "finite diff."):
+        table.add_column(name, justify="right")
+    for index in range(max(0, trajectory.num_probes - latest), trajectory.num_probes):
+        cells = [str(int(probes["step"][index]))]
+        for column in ("loss", "grad_norm", "hessian_norm", "smoothness_fd"):
+            values = probes.get(column)
+            cells.append(format_number(float(values[index]) if values is not None else None))
+        table.add_row(*cells)
+    # The loss and smoothness panels of `smoothprof plot`, from those columns alone.
+    shown = Trajectory(
+        path=trajectory.path,
+        attributes={},
+        config={},
+        probes={k: v for k, v in probes.items() if k in ("step", "loss", *_SMOOTHNESS_COLUMNS)},
+        train={k: v for k, v in trajectory.train.items() if k in ("step", "loss")},
+    )
+    parts: list[Any] = [_text(header, ascii_only), table]
+    figures = series_plot(
+        shown, width=width, panel_height=panel_height, color=color, ascii_only=ascii_only
+    )
+    if figures:
+        parts.append(Text.from_ansi(figures) if color else Text(figures))
+    if fit is not None:
+        grad_norm, smoothness, envelope, estimator = fit
+        figure = envelope_plot(
+            grad_norm,
+            smoothness,
+            envelope,
+            width=width,
+            height=panel_height + 2,
+            color=color,
+            ascii_only=ascii_only,
+            smoothness_label=ESTIMATOR_LABELS[estimator],
+        )
+        parts.append(Text.from_ansi(figure) if color else Text(figure))
+    return Group(*parts)
+
+
+_SMOOTHNESS_COLUMNS = ("hessian_norm", "smoothness_fd")

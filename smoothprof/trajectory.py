@@ -163,6 +163,12 @@ class TrajectoryWriter:
     ``layout`` attribute (JSON) names each group, its patterns, parameters and size; a probe
     row's ``groups`` measurements are then written there. Without it, a row that holds group
     measurements is refused: its per-layer data would be lost.
+    ``resume_at_step``: a training run resumed from a checkpoint at that step goes on in the
+    file it wrote before, when there is one (``appended`` is then True): the rows of steps from
+    ``resume_at_step`` on are dropped (``dropped_rows`` counts them: the run trains those steps
+    again), the file's own attributes are kept (``attributes`` only adds the ones it lacks), and
+    ``resumed_at_steps`` lists every step a run resumed at. The file is reopened under a
+    temporary name and renamed into place, like a new one.
     """
 
     def __init__(
@@ -173,24 +179,33 @@ class TrajectoryWriter:
         overwrite: bool = False,
         train_flush_seconds: float = 2.0,
         groups: Sequence[Any] | None = None,
+        resume_at_step: int | None = None,
     ) -> None:
         self.path = Path(path)
         self._layout = _layout_of(groups) if groups else None
         if self.path.is_dir():
             raise TrajectoryError(f"{self.path}: is a directory")
-        if self.path.exists() and not overwrite:
+        appending = resume_at_step is not None and self.path.exists()
+        if self.path.exists() and not overwrite and not appending:
             raise TrajectoryError(f"{self.path}: already exists (use --force to overwrite)")
         if self.path.exists() and _lock_held_elsewhere(self.path):
-            raise TrajectoryError(f"{self.path}: a run is still writing it; not overwritten")
+            verb = "appended to" if appending else "overwritten"
+            raise TrajectoryError(f"{self.path}: a run is still writing it; not {verb}")
         self._pending: dict[str, Any] = {}
         self._train_rows: list[Mapping[str, Any]] = []
         self._train_flush_seconds = train_flush_seconds
         self._last_flush = time.monotonic()
         self.num_probe_rows = 0
         self.num_train_rows = 0
+        self.appended = appending
+        self.dropped_rows = {"probes": 0, "train": 0}
         self._lock_fd: int | None = None
         self._remove_stale_temporaries()
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if appending:
+            assert resume_at_step is not None
+            self._reopen(temporary, resume_at_step, attributes or {})
+            return
         try:
             self._file = h5py.File(temporary, "w", libver="latest", locking=False)
             if fcntl is not None:
@@ -220,6 +235,67 @@ class TrajectoryWriter:
         except BaseException:
             self._abandon(temporary)
             raise
+
+    def _reopen(
+        self, temporary: Path, resume_at_step: int, attributes: Mapping[str, Any]
+    ) -> None:
+        """Open a copy of the existing file for appending, cut it to the steps before
+        ``resume_at_step``, and rename it into place."""
+        read_trajectory(self.path)  # a smoothprof trajectory of a version this one writes
+        try:
+            shutil.copyfile(self.path, temporary)
+            repair_trajectory(temporary)  # a killed run's "open for writing" mark
+            self._file = h5py.File(temporary, "r+", libver="latest", locking=False)
+            if fcntl is not None:
+                self._lock_fd = os.open(temporary, os.O_RDONLY)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for group_name in GROUPS:
+                kept, dropped = self._cut_group(group_name, resume_at_step)
+                self.dropped_rows[group_name] = dropped
+                if group_name == "probes":
+                    self.num_probe_rows = kept
+                else:
+                    self.num_train_rows = kept
+            for key in ("closed_utc", "interrupted", "error", "diverged_at_step"):
+                if key in self._file.attrs:  # how the earlier run ended, not this one
+                    del self._file.attrs[key]
+            for key, value in attributes.items():
+                if key not in self._file.attrs:
+                    self._write_attribute(self._file, key, value)
+            resumed = _attribute_value(self._file.attrs.get("resumed_at_steps", []))
+            resumed = resumed if isinstance(resumed, list) else [resumed]
+            self._file.attrs["resumed_at_steps"] = np.asarray(
+                [*resumed, resume_at_step], dtype=np.int64
+            )
+            self._file.swmr_mode = True
+            os.fsync(self._file.id.get_vfd_handle())
+            os.replace(temporary, self.path)
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            self._abandon(temporary)
+            raise TrajectoryError(f"{self.path}: cannot append to it: {_one_line(error)}") from None
+        except BaseException:
+            self._abandon(temporary)
+            raise
+
+    def _cut_group(self, group_name: str, resume_at_step: int) -> tuple[int, int]:
+        """Cut every column of the group (created where missing) to the complete rows of steps
+        before ``resume_at_step``; the rows kept and the rows dropped."""
+        group = self._file.require_group(group_name)
+        for name, dtype in GROUPS[group_name].items():
+            if name not in group:
+                group.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,)
+                )
+        steps = np.asarray(group["step"][()])
+        lengths = [group[name].shape[0] for name in GROUPS[group_name]]
+        complete = min([len(steps), *lengths])
+        later = np.flatnonzero(steps[:complete] >= resume_at_step)
+        kept = int(later[0]) if len(later) else complete
+        for name in group:
+            column = group[name]
+            if isinstance(column, h5py.Dataset) and column.ndim == 1 and column.shape[0] > kept:
+                column.resize((kept,))
+        return kept, max(lengths, default=0) - kept
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of earlier writers of this path that were killed while creating or

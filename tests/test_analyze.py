@@ -184,7 +184,10 @@ def run_command(tmp_path, *args):
     [
         ["--help"],
         ["--version"],
-        *[[command, "--help"] for command in ("run", "fit", "plot", "compare", "report", "repair")],
+        *[
+            [command, "--help"]
+            for command in ("run", "fit", "plot", "compare", "report", "repair", "watch")
+        ],
     ],
 )
 def test_help_and_version_import_neither_torch_nor_scipy(tmp_path, args):

@@ -25,7 +25,7 @@ def invoke(*args, env=None):
 
 def test_every_command_has_help_and_a_readme_mention():
     readme = (REPO / "README.md").read_text()
-    assert COMMANDS == ["compare", "fit", "plot", "repair", "report", "run"]
+    assert COMMANDS == ["compare", "fit", "plot", "repair", "report", "run", "watch"]
     top = invoke("--help")
     assert top.exit_code == 0
     for command in COMMANDS:

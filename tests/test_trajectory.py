@@ -239,6 +239,36 @@ def test_a_live_writer_is_seen_and_its_file_is_neither_repaired_nor_overwritten(
         assert "closed_utc" in handle.attrs
 
 
+def test_a_resumed_run_appends_to_the_file_its_killed_run_left(tmp_path):
+    path = tmp_path / "t.h5"
+    assert writer_process(path, 6, "die").wait() == 0  # probes at steps 0..5, then killed
+    with pytest.raises(TrajectoryError, match="already exists"):
+        TrajectoryWriter(path)  # a new run does not take it over
+    # Resumed from a checkpoint of step 4: steps 4 and 5 are trained again.
+    writer = TrajectoryWriter(path, resume_at_step=4, attributes={"config": {"lr": 9.0}})
+    assert writer.appended and writer.dropped_rows == {"probes": 2, "train": 0}
+    assert writer.num_probe_rows == 4
+    for step in (4, 5, 6):
+        writer.append_train({"step": step, "loss": 0.5, "lr": 0.1})
+        writer.append_probe(probe_row(step))
+    with pytest.raises(TrajectoryError, match="still writing it; not appended to"):
+        TrajectoryWriter(path, resume_at_step=5)
+    writer.close()
+    trajectory = read_trajectory(path)
+    assert trajectory.status == CLOSED and trajectory.probes["step"].tolist() == list(range(7))
+    assert trajectory.train["step"].tolist() == [4, 5, 6]
+    assert trajectory.probes["grad_norm"][3] == 4.0 and trajectory.probes["grad_norm"][4] == 8.0
+    assert trajectory.attributes["resumed_at_steps"] == [4]
+    assert trajectory.config == {"lr": 9.0}  # the file had none: added
+    with TrajectoryWriter(path, resume_at_step=7, attributes={"config": {"lr": 1.0}}):
+        pass  # resumed again: the list grows, the file's config stays
+    assert read_trajectory(path).attributes["resumed_at_steps"] == [4, 7]
+    assert read_trajectory(path).config == {"lr": 9.0}
+    # No file yet: a resumed run starts one.
+    with TrajectoryWriter(tmp_path / "new.h5", resume_at_step=3) as writer:
+        assert not writer.appended
+
+
 def test_repair_leaves_other_files_alone(tmp_path):
     closed = tmp_path / "closed.h5"
     with TrajectoryWriter(closed) as writer:
