@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 import torch
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # the range test's progress bar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -243,8 +242,12 @@ class _WholeBatch(torch.nn.Module):
 
 def range_test(model_file: ModelFile, batches: Batches, seed: int) -> tuple[float, int]:
     """torch-lr-finder's suggestion and the iterations its range test ran."""
+    import torch_lr_finder.lr_finder as finder_module
     from torch_lr_finder import LRFinder
     from torch_lr_finder.lr_finder import TrainDataLoaderIter
+
+    progress = finder_module.tqdm
+    finder_module.tqdm = lambda *args, **kwargs: progress(*args, **{**kwargs, "disable": True})
 
     class Iter(TrainDataLoaderIter):
         def inputs_labels_from_batch(self, batch_data):
