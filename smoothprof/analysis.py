@@ -64,6 +64,7 @@ class Analysis:
     profile: ProfilingRun
     files: tuple[str, ...]
     trajectories: tuple[Trajectory, ...] = dataclasses.field(repr=False)
+    search: StepSizeSearch | None = None  # the run's step-size search, when its file holds one
 
     @property
     def edge_of_stability(self) -> list[tuple[str, EdgeOfStability]]:
@@ -103,6 +104,7 @@ class Analysis:
                 "grad_noise": self.grad_noise,
                 "num_steps": self.num_steps,
                 "sweep_lrs": list(recs.sweep_lrs),
+                "step_size_search": None if self.search is None else self.search.as_json(),
                 "explanation": recs.explanation,
                 "warnings": list(recs.warnings),
                 "caveats": list(recs.caveats),
@@ -189,6 +191,7 @@ def analyze(
         profile=profile,
         files=tuple(str(t.path) for t in trajectories),
         trajectories=trajectories,
+        search=search,
     )
 
 

@@ -142,8 +142,11 @@ def test_run_writes_the_search_and_fit_recommends_its_best_step(tmp_path):
         assert np.array_equal(with_search.train[column], without.train[column])
     assert ATTRIBUTE not in without.attributes
     search = StepSizeSearch.from_json(json.loads(with_search.attributes[ATTRIBUTE]))
-    headline = analyze(searched, bootstrap=0).recommendations.headline
+    analysis = analyze(searched, bootstrap=0)
+    headline = analysis.recommendations.headline
     assert headline.rule == "searched-step" and headline.step_size == search.best.lr
+    document = json.loads(json.dumps(analysis.as_json(), allow_nan=False))
+    assert len(document["step_size_search"]["trials"]) == len(search.trials)
     assert analyze(plain, bootstrap=0).recommendations.headline.rule != "searched-step"
     fitted = invoke("fit", searched)
     assert fitted.exit_code == 0 and "Headline: lr = " in fitted.stdout
