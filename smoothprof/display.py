@@ -552,11 +552,11 @@ def sweep_commands(
     world_size: int = 1,
     options: Sequence[str] = (),
 ) -> list[str]:
-    """The ``smoothprof run`` commands of the clipped sweep around the headline, and the
-    ``smoothprof compare`` that judges them; none when the headline does not clip. A profile of
-    ``world_size`` > 1 processes gets its runs under torchrun with as many: the lr belongs to
-    that global batch. ``options`` (see ``profile_run_options``) follow the sweep's own; every
-    word is quoted for a POSIX shell where it needs it.
+    """The ``smoothprof run`` commands of the sweep around the headline (at its clip, or
+    ``--no-clip`` when it does not clip), and the ``smoothprof compare`` that judges them. A
+    profile of ``world_size`` > 1 processes gets its runs under torchrun with as many: the lr
+    belongs to that global batch. ``options`` (see ``profile_run_options``) follow the sweep's
+    own; every word is quoted for a POSIX shell where it needs it.
 
     >>> from smoothprof.fit import fit_envelope
     >>> from smoothprof.recommend import ProfilingRun, recommend
@@ -570,17 +570,19 @@ def sweep_commands(
     smoothprof compare clip_lr*.h5
     """
     clip = recs.headline.clip_threshold
-    if clip is None or not recs.sweep_lrs:
+    if not recs.sweep_lrs:
         return []
     launcher = ["torchrun", "--nproc_per_node", str(world_size), "-m"] if world_size > 1 else []
-    run = [*launcher, "smoothprof", "run", model_file, "--clip", f"{clip:.6g}"]
-    commands = [
-        shlex.join(
-            [*run, "--lr", f"{lr:.3g}", "--probe-every", "0", *options, "-o", f"clip_lr{lr:.3g}.h5"]
+    clipping = ["--no-clip"] if clip is None else ["--clip", f"{clip:.6g}"]
+    run = [*launcher, "smoothprof", "run", model_file, *clipping]
+    prefix = "lr" if clip is None else "clip_lr"
+    commands = []
+    for lr in recs.sweep_lrs:
+        output = f"{prefix}{lr:.3g}.h5"
+        commands.append(
+            shlex.join([*run, "--lr", f"{lr:.3g}", "--probe-every", "0", *options, "-o", output])
         )
-        for lr in recs.sweep_lrs
-    ]
-    return [*commands, "smoothprof compare clip_lr*.h5"]
+    return [*commands, f"smoothprof compare {prefix}*.h5"]
 
 
 def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendations) -> list[str]:
@@ -590,7 +592,7 @@ def profile_sweep_commands(trajectories: Sequence[Trajectory], recs: Recommendat
     processes. None for a profile whose optimizer its model file made: ``--lr`` does not reach
     that optimizer (the headline's explanation says where to set the sweep's lr); none for a
     trainer callback's profile, which ``smoothprof run`` does not train."""
-    if recs.headline.clip_threshold is None or not recs.sweep_lrs:
+    if not recs.sweep_lrs:
         return []
     if any(t.config.get("optimizer_source") == "model file" for t in trajectories):
         return []  # --lr does not reach the model file's optimizer(): the explanation says so
@@ -657,7 +659,9 @@ def recommendations_view(
     if commands:
         lines.append(
             _text(
-                "The clipped sweep (add your fixed-step runs to the compare to judge clipping):",
+                "The clipped sweep (add your fixed-step runs to the compare to judge clipping):"
+                if recs.headline.clip_threshold is not None
+                else "The sweep around the headline's step:",
                 ascii_only,
             )
         )

@@ -462,8 +462,12 @@ def report_html(
     label = ESTIMATOR_LABELS.get(estimator, estimator)
     commands = profile_sweep_commands([trajectory], recs)
     sweep = (
-        "<p>The clipped sweep to tune it (add your fixed-step runs to the compare):</p>"
-        f"<pre>{html.escape(chr(10).join(commands))}</pre>"
+        (
+            "<p>The clipped sweep to tune it (add your fixed-step runs to the compare):</p>"
+            if head.clip_threshold is not None
+            else "<p>The sweep around the headline's step:</p>"
+        )
+        + f"<pre>{html.escape(chr(10).join(commands))}</pre>"
         if commands
         else ""
     )

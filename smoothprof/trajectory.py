@@ -250,11 +250,22 @@ class TrajectoryWriter:
                 self._lock_fd = os.open(temporary, os.O_RDONLY)
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for group_name in GROUPS:
+                if group_name == "groups":
+                    if "groups" not in self._file and self._layout is None:
+                        continue  # neither run is per-layer: no per-layer section
+                    if "groups" not in self._file:  # the resumed run measures groups
+                        self._file.create_group("groups").attrs["layout"] = json.dumps(
+                            self._layout
+                        )
+                    elif self._layout is None:  # keep measuring the file's groups
+                        self._layout = json.loads(
+                            _attribute_value(self._file["groups"].attrs["layout"])
+                        )
                 kept, dropped = self._cut_group(group_name, resume_at_step)
                 self.dropped_rows[group_name] = dropped
                 if group_name == "probes":
                     self.num_probe_rows = kept
-                else:
+                elif group_name == "train":
                     self.num_train_rows = kept
             for key in ("closed_utc", "interrupted", "error", "diverged_at_step"):
                 if key in self._file.attrs:  # how the earlier run ended, not this one

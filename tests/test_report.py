@@ -67,12 +67,13 @@ def test_report_writes_pngs_and_a_self_contained_page(trajectory, tmp_path):
     assert [base64.b64decode(s.split(",", 1)[1]) for s in sources] == [smoothness, series]
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r"https?://|href=|<link|<script|@import|url\(", page, re.IGNORECASE)
-    for text in ("L0", "L1", "Spearman log-log", "Headline", "clip_grad_norm_", "Figure 1"):
+    for text in ("L0", "L1", "Spearman log-log", "Headline", "torch.optim.SGD", "Figure 1"):
         assert text in page
     fit = json.loads(invoke("fit", trajectory, "--json").stdout)
-    assert len(fit["sweep_lrs"]) == 5  # the headline clips: its sweep is on the page
+    assert len(fit["sweep_lrs"]) == 3  # the search's best and neighbours: its sweep is on the page
     assert f"--lr {fit['sweep_lrs'][-1]:.3g} --probe-every 0" in page
-    assert "smoothprof compare clip_lr*.h5" in page
+    prefix = "lr" if fit["clip_threshold"] is None else "clip_lr"  # --no-clip or --clip c
+    assert f"smoothprof compare {prefix}*.h5" in page
     assert matplotlib.get_backend() == backend  # drawing changed no global matplotlib state
 
 

@@ -326,7 +326,10 @@ def test_the_readme_model_file_runs_and_fits(tmp_path, monkeypatch):
     assert fit.exit_code == 0, fit.output
     said = " ".join(fit.stdout.replace("│", " ").split())
     assert "smoothprof run" not in said  # --lr does not reach the file's optimizer()
-    if "clip at c = L0/L1" in said:  # the measured headline: AdamW at its own lr
+    if "The step is measured" in said:  # the step-size search's: AdamW at the lr it found
+        assert "adamw at lr" in said and "keep your adamw optimizer" in said
+        assert "torch.optim.SGD" not in said
+    elif "clip at c = L0/L1" in said:  # the measured headline: AdamW at its own lr
         assert "adamw at its lr 0.003" in said and "keep your adamw optimizer" in said
         assert "in the model file's optimizer() with --clip" in said
         assert "torch.optim.SGD" not in said
