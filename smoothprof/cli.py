@@ -474,7 +474,13 @@ def _search_step_size(writer: Any, prepared: Any, result: Any, err: Console) -> 
     if not config.lr_search or config.probe_every == 0 or prepared.comm is not None:
         return None
     first = next((r for r in result.probes if math.isfinite(r.hessian_norm)), None)
-    err.print("searching the step size (smoothprof fit recommends from it) ...", markup=False)
+    clip = config.clip if config.clip is not None else _acting_clip(result.probes)
+    err.print(
+        "searching the step size (smoothprof fit recommends from it)"
+        + (f", clipped at {clip:.3g}" if clip is not None else "")
+        + " ...",
+        markup=False,
+    )
     try:
         with _user_errors(False):
             search = search_step_size(
@@ -482,12 +488,34 @@ def _search_step_size(writer: Any, prepared: Any, result: Any, err: Console) -> 
                 first_hessian_norm=None if first is None else first.hessian_norm,
                 at_step=None if first is None else first.step,
                 trained=_trained(result),
+                clip=clip,
             )
     except KeyboardInterrupt:
         err.print("step-size search interrupted: the run's rows are kept without it", markup=False)
         return None
     writer.set_attribute(ATTRIBUTE, json.dumps(search.as_json()))
     return search
+
+
+def _acting_clip(probes: list[Any]) -> float | None:
+    """The clip of an unclipped run's search: c = L0/L1 of its probes (the Hessian norm's, else
+    the finite difference's) when that clip acts (``recommend.acting_clip``); None otherwise or
+    with fewer points than a fit needs."""
+    from .fit import FitError, fit_envelope
+    from .recommend import acting_clip
+
+    grad_norms = [r.grad_norm for r in probes]
+    for column in ("hessian_norm", "smoothness_fd"):
+        values = [getattr(r, column) for r in probes]
+        if sum(math.isfinite(v) and v > 0 for v in values) < 3:
+            continue
+        try:
+            fit = fit_envelope(grad_norms, values, num_bootstrap=0)
+        except FitError:
+            return None
+        floor = fit.L0 if fit.L0 > 0 else fit.L1 * fit.G_min
+        return acting_clip(fit, floor)[0] if math.isfinite(floor) else None
+    return None
 
 
 def _trained(result: Any) -> bool:

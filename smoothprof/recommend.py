@@ -44,6 +44,7 @@ __all__ = [
     "ProfilingRun",
     "Recommendation",
     "Recommendations",
+    "acting_clip",
     "pytorch_snippet",
     "recommend",
 ]
@@ -51,6 +52,8 @@ __all__ = [
 # Below this Spearman correlation of log L with log g the premise of (L0, L1) clipping, smoothness
 # growing with the gradient norm (Zhang et al. 2020, Figures 1 to 3), is not visible in the data.
 WEAK_CORRELATION = 0.3
+# A search whose best trial lowered the loss by less than this share cannot tell steps apart.
+SMALL_PROGRESS = 0.1
 # Fewer points than this make the envelope and every rule built on it uncertain.
 FEW_POINTS = 20
 
@@ -370,24 +373,21 @@ def _searched_headline(
             f"{search.trial_steps} steps; profile again with a smaller --lr."
         )
         return None
-    L1 = fit.L1
-    clip, why = None, "no clip"
-    if search.clip is not None:
-        clip, why = search.clip, f"clip {search.clip:.3g}, the run's own, which every trial used"
-    elif L1 > 0 and L0_used is not None:
-        c = L0_used / L1
-        if not fit.spearman_log > WEAK_CORRELATION:
-            why = (
-                f"no clip: c = L0/L1 = {c:.3g}, but the smoothness does not grow with the "
-                "gradient norm"
-            )
-        elif c >= fit.G_max:
-            why = (
-                f"no clip: c = L0/L1 = {c:.3g} is above every measured gradient norm "
-                f"(at most {fit.G_max:.3g}), so it would never act"
-            )
-        else:
-            clip, why = c, f"clip at c = L0/L1 = {c:.3g}"
+    if search.clip is not None:  # the trials' clip: the lr belongs to it
+        clip = search.clip
+        origin = "the run's own" if profile.clip == search.clip else "c = L0/L1 of the run's probes"
+        why = f"clip {clip:.3g}, {origin}, which every trial used"
+    else:
+        clip, why = acting_clip(fit, L0_used)
+        if clip is not None:  # a clip the trials did not use would shorten their best step
+            clip, why = None, why.replace("clip at", "no clip: the trials ran unclipped;")
+    progress = (best.loss_start - best.loss_end) / abs(best.loss_start)
+    if progress < SMALL_PROGRESS:
+        warnings.append(
+            f"the best trial of the step-size search lowered the loss by {progress:.1%} in its "
+            f"{search.trial_steps} steps: too little to tell the steps apart (a plateau); "
+            "profile with more --steps (a trial is a tenth of them) or sweep the lr."
+        )
     return Recommendation(
         rule="searched-step",
         title="step size from the step-size search (measured)",
@@ -399,6 +399,27 @@ def _searched_headline(
         note=f"the best of {plural(len(search.trials), 'trial')} of {search.trial_steps} steps "
         f"(loss {best.loss_start:.4g} -> {best.loss_end:.4g}); {why}.",
     )
+
+
+def acting_clip(fit: EnvelopeFit, L0: float | None = None) -> tuple[float | None, str]:
+    """c = L0/L1 when that clip would act: the smoothness grows with the gradient norm (Spearman
+    log-log above ``WEAK_CORRELATION``) and c lies below the largest measured gradient norm;
+    else None. With why, in words. ``L0`` replaces the fitted one (the floor of a zero L0)."""
+    L0 = fit.L0 if L0 is None else L0
+    if not (fit.L1 > 0 and L0 > 0):
+        return None, "no clip: the envelope has no c = L0/L1"
+    c = L0 / fit.L1
+    if not fit.spearman_log > WEAK_CORRELATION:
+        return None, (
+            f"no clip: c = L0/L1 = {c:.3g}, but the smoothness does not grow with the gradient "
+            "norm"
+        )
+    if c >= fit.G_max:
+        return None, (
+            f"no clip: c = L0/L1 = {c:.3g} is above every measured gradient norm (at most "
+            f"{fit.G_max:.3g}), so it would never act"
+        )
+    return c, f"clip at c = L0/L1 = {c:.3g}"
 
 
 def _searched_explanation(

@@ -58,9 +58,10 @@ class Trial:
 class StepSizeSearch:
     """The trials of one search and where they started from.
 
-    ``stability_step`` is the step the grid doubles from: (2 + 2 momentum)/λ0 for (momentum) SGD
-    with λ0 the Hessian norm at ``stability_probe_step``, or the run's own lr (``base`` says
-    which). ``clip``: the run's own clip threshold, which every trial used (None: unclipped).
+    ``stability_step`` is the step the grid doubles from (its first trial is a quarter of it):
+    (2 + 2 momentum)/λ0 for (momentum) SGD with λ0 the Hessian norm of the first probe, or the
+    run's own lr (``base`` says which). ``clip``: the threshold every trial clipped at (the run's
+    own, or c = L0/L1 of its probes; None: unclipped).
     """
 
     trial_steps: int
@@ -189,11 +190,13 @@ def search_step_size(
     first_hessian_norm: float | None,
     at_step: int | None,
     trained: bool = False,
+    clip: float | None = None,
 ) -> StepSizeSearch:
     """Run the search for a prepared run (after its training: it builds its own model, optimizer
     and batches, so the run's own state is untouched). The trials train as the run did: its
     optimizer (the options' or the model file's, every param group's lr scaled alike), scheduler,
-    clip, autocast and accumulation, from the same seed.
+    autocast and accumulation, from the same seed, clipped at ``clip`` (the caller passes the
+    run's own clip, or the c = L0/L1 that the headline will clip at).
 
     The grid doubles from a quarter of the stability step 2/λ0 (``first_hessian_norm``, measured
     at ``at_step``), or of the run's own lr when the run ``trained`` (finished without
@@ -280,7 +283,7 @@ def search_step_size(
             loss = _accumulate_gradients(trial_run, model, batches)
             if trial_run.scaler is not None:
                 trial_run.scaler.unscale_(optimizer)
-            norm = gradient_norm(parameters, config.clip)
+            norm = gradient_norm(parameters, clip)
             if not math.isfinite(loss) or (trial_run.scaler is None and not math.isfinite(norm)):
                 return Trial(lr, start, math.inf, diverged_at=step)
             skipped = _optimizer_step(trial_run)
@@ -294,6 +297,6 @@ def search_step_size(
         stability_step=stable,
         base=base,
         trials=tuple(run_trials(stable, trial)),
-        clip=config.clip,
+        clip=clip,
         optimizer=name,
     )

@@ -181,24 +181,42 @@ def _fit(grad_norms, smoothness):
 GROWING = ([0.2, 0.5, 1.0, 2.0, 4.0] * 5, [1.2, 1.5, 2.0, 3.0, 5.0] * 5)
 
 
-def test_the_searched_headline_clips_only_where_the_clip_acts():
+def test_the_searched_headline_clips_where_its_trials_did():
+    from smoothprof.recommend import acting_clip
+
     fit = _fit(*GROWING)  # L0 ~ 1, L1 ~ 1: c ~ 1, below G_max = 4
-    search = StepSizeSearch(50, 0.4, "2/λ0", (Trial(0.1, 3, 2), Trial(0.2, 3, 1), Trial(0.4, 3, 4)))
-    advice = recommend(fit, profile=ProfilingRun(lr=0.1, optimizer="sgd"), search=search)
+    c, why = acting_clip(fit)
+    assert c == pytest.approx(fit.L0 / fit.L1) and why.startswith("clip at c = L0/L1")
+    trials = (Trial(0.1, 3, 2), Trial(0.2, 3, 1), Trial(0.4, 3, 4))
+    sgd = ProfilingRun(lr=0.1, optimizer="sgd")
+    # The run clipped its trials at c, the clip that acts: the headline keeps both.
+    advice = recommend(fit, profile=sgd, search=StepSizeSearch(50, 0.4, "2/λ0", trials, clip=c))
     assert advice.headline.rule == "searched-step"
-    assert advice.headline.step_size == 0.2
-    assert advice.headline.clip_threshold == pytest.approx(fit.L0 / fit.L1)
+    assert (advice.headline.step_size, advice.headline.clip_threshold) == (0.2, c)
+    assert "c = L0/L1 of the run's probes, which every trial used" in advice.headline.note
     assert advice.sweep_lrs == (0.1, 0.2)
-    # c above every measured gradient norm would never act: no clip.
+    # Unclipped trials: their best step belongs to no clip, whatever the fit says.
+    advice = recommend(fit, profile=sgd, search=StepSizeSearch(50, 0.4, "2/λ0", trials))
+    assert advice.headline.clip_threshold is None
+    assert "the trials ran unclipped" in advice.headline.note
+    # c above every measured gradient norm would never act; a flat envelope has no c to trust.
     flat = _fit([0.1, 0.2, 0.3] * 5, [5.0, 5.1, 5.3] * 5)
     assert flat.G_max < flat.L0 / flat.L1
-    advice = recommend(flat, profile=ProfilingRun(lr=0.1, optimizer="sgd"), search=search)
-    assert advice.headline.clip_threshold is None
-    assert "would never act" in advice.headline.note
+    assert acting_clip(flat)[0] is None and "would never act" in acting_clip(flat)[1]
+    noise = _fit([0.1, 0.2, 0.3, 0.4] * 5, [3.0, 1.0, 4.0, 1.5] * 5)
+    assert acting_clip(noise)[0] is None
     # A clipped profile's trials were clipped at its threshold: that clip stays.
-    clipped = StepSizeSearch(50, 0.4, "2/λ0", search.trials, clip=0.5)
+    clipped = StepSizeSearch(50, 0.4, "2/λ0", trials, clip=0.5)
     advice = recommend(fit, profile=ProfilingRun(lr=0.1, clip=0.5), search=clipped)
-    assert advice.headline.clip_threshold == 0.5
+    assert advice.headline.clip_threshold == 0.5 and "the run's own" in advice.headline.note
+
+
+def test_a_search_that_barely_moved_the_loss_says_it_cannot_tell_steps_apart():
+    trials = (Trial(0.1, 1.10, 1.05), Trial(0.2, 1.10, 1.02), Trial(0.4, 1.10, 1.08))
+    advice = recommend(
+        _fit(*GROWING), profile=ProfilingRun(lr=0.1), search=StepSizeSearch(50, 0.4, "x", trials)
+    )
+    assert any("too little to tell the steps apart" in w for w in advice.warnings)
 
 
 def test_a_search_where_nothing_trained_says_so_and_falls_back():
@@ -221,3 +239,20 @@ def test_without_a_search_a_clip_that_never_acts_does_not_license_a_longer_step(
     # Where the clip acts, the measured rule is unchanged.
     acting = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1, optimizer="sgd"))
     assert acting.headline.step_size == pytest.approx(0.5)
+
+
+def test_an_unclipped_run_searches_at_the_clip_its_probes_show_to_act():
+    from types import SimpleNamespace
+
+    from smoothprof.cli import _acting_clip
+
+    def probes(grad_norms, smoothness):
+        return [
+            SimpleNamespace(grad_norm=g, hessian_norm=h, smoothness_fd=math.nan)
+            for g, h in zip(grad_norms, smoothness)
+        ]
+
+    c = _acting_clip(probes(*GROWING))
+    assert c == pytest.approx(_fit(*GROWING).L0 / _fit(*GROWING).L1)
+    assert _acting_clip(probes([0.1, 0.2, 0.3] * 5, [5.0, 5.1, 5.3] * 5)) is None  # never acts
+    assert _acting_clip(probes([1.0, 2.0], [1.0, 2.0])) is None  # too few points to fit
