@@ -102,7 +102,7 @@ class StepSizeSearch:
         text = (
             f"step-size search: {len(self.trials)} trials of {self.trial_steps} steps from the "
             f"initialization, lr {min(lrs):.3g} to {max(lrs):.3g} (doubling from a quarter of "
-            f"the stability step {self.stability_step:.3g}: {self.base})"
+            f"{self.stability_step:.3g}, {self.base})"
         )
         best = self.best
         if best is None:
@@ -234,7 +234,7 @@ def search_step_size(
         threshold = "2" if name == "sgd" else f"(2 + 2·{momentum:g})"
         base = f"{threshold}/λ0 with λ0 = {first_hessian_norm:.4g} at step {at_step}"
         if trained and run.initial_lr > stable:  # the run showed a longer step to train
-            base = f"the run's lr, which trained, above {base} = {stable:.3g}"
+            base = f"the run's lr, which trained; {base} is {stable:.3g}"
             stable = float(run.initial_lr)
     else:
         stable = float(run.initial_lr)

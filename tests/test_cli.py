@@ -155,7 +155,7 @@ def test_fit_text_and_plot(minimal_run):
     result = invoke("fit", out, "--estimator", "fd", "--width", "90")
     assert result.exit_code == 0, result.output
     assert "L0" in result.stdout and "Spearman" in result.stdout
-    assert "clip_grad_norm_" in result.stdout
+    assert "torch.optim.SGD" in result.stdout
     assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
     ascii_result = invoke("fit", out, "--ascii")
     assert ascii_result.exit_code == 0, ascii_result.output
