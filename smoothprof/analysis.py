@@ -86,7 +86,7 @@ class Analysis:
             for key in ("num_points", "num_dropped", "share_below", "spearman_log",
                         "pearson_log", "L_max", "G_max", "quantile", "confidence")
         }  # fmt: skip
-        return _finite_or_none(
+        return finite_or_none(
             {
                 "files": list(self.files),
                 "estimator": self.estimator,
@@ -378,11 +378,12 @@ def _positive_number(value: Any) -> bool:
     )
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
+    """``value`` (numbers, nested dicts and lists) with every non-finite float as None: JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value

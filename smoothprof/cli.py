@@ -518,6 +518,20 @@ def _acting_clip(probes: list[Any]) -> float | None:
     return None
 
 
+def _per_layer(
+    analysis: Analysis, skip_steps: int, quantile: float, bootstrap: int
+) -> PerLayerAnalysis:
+    """The per-layer fit of an analysis's files, its group clips judged against the headline."""
+    return analyze_per_layer(
+        analysis.trajectories,
+        skip_steps=skip_steps,
+        quantile=quantile,
+        bootstrap=bootstrap,
+        lr=analysis.recommendations.headline.step_size,
+        profile_clip=analysis.profile.clip,
+    )
+
+
 def _trained(result: Any) -> bool:
     """The run finished without diverging, its last probe's loss below its first's."""
     losses = [r.loss for r in result.probes if math.isfinite(r.loss)]
@@ -1122,14 +1136,7 @@ def fit(
     with _user_errors(debug, as_json=as_json):
         analysis = _analyze_files(trajectory_files, estimator, skip_steps, quantile, bootstrap)
         if per_layer:
-            layers = analyze_per_layer(
-                analysis.trajectories,
-                skip_steps=skip_steps,
-                quantile=quantile,
-                bootstrap=bootstrap,
-                lr=analysis.recommendations.headline.step_size,
-                profile_clip=analysis.profile.clip,
-            )
+            layers = _per_layer(analysis, skip_steps, quantile, bootstrap)
     if as_json:
         document = analysis.as_json()
         if layers is not None:
@@ -1418,14 +1425,7 @@ def report(
         layers = None
         if analysis.trajectories[0].groups is not None:  # a per-layer run: its section too
             with contextlib.suppress(FitError):  # no group rows yet: the report goes without
-                layers = analyze_per_layer(
-                    analysis.trajectories,
-                    skip_steps=skip_steps,
-                    quantile=quantile,
-                    bootstrap=bootstrap,
-                    lr=analysis.recommendations.headline.step_size,
-                    profile_clip=analysis.profile.clip,
-                )
+                layers = _per_layer(analysis, skip_steps, quantile, bootstrap)
         files = write_report(
             analysis.trajectories[0],
             analysis.fit,

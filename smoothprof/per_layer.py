@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import FitPoints, last_step, training_progress
+from .analysis import FitPoints, finite_or_none, last_step, training_progress
 from .fit import EnvelopeFit, FitError, fit_envelope
 from .recommend import GROUP_CAVEATS, GroupClip, group_clip, pytorch_group_snippet
 from .trajectory import Trajectory, read_trajectory
@@ -108,7 +108,7 @@ class PerLayerAnalysis:
                     "clip_note": group.clip.note,
                 }
             )
-        return _finite_or_none(
+        return finite_or_none(
             {
                 "groups": groups,
                 "num_probes": self.num_probes,
@@ -276,16 +276,6 @@ def _interlacing_warnings(
                 "it cannot, so a solver missed the top eigenvalue there (see hessian_converged)"
             )
     return found
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 __all__ = ["GroupFit", "PerLayerAnalysis", "analyze_per_layer"]

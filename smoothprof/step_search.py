@@ -214,12 +214,12 @@ def search_step_size(
     from .objective import trainable_parameters
     from .probe import unchanged_model_state
     from .train import (
-        _accumulate_gradients,
-        _cycle,
-        _optimizer_step,
+        accumulate_gradients,
+        cycle_batches,
         gradient_norm,
         make_grad_scaler,
         make_optimizer,
+        optimizer_step,
         seed_everything,
         step_scheduler,
     )
@@ -277,16 +277,16 @@ def search_step_size(
             comm=None,
         )
         start = probe_loss(model)  # leaves the random state as the run had it here
-        batches = _cycle(model_file, trial_run.loader)
+        batches = cycle_batches(model_file, trial_run.loader)
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = _accumulate_gradients(trial_run, model, batches)
+            loss = accumulate_gradients(trial_run, model, batches)
             if trial_run.scaler is not None:
                 trial_run.scaler.unscale_(optimizer)
             norm = gradient_norm(parameters, clip)
             if not math.isfinite(loss) or (trial_run.scaler is None and not math.isfinite(norm)):
                 return Trial(lr, start, math.inf, diverged_at=step)
-            skipped = _optimizer_step(trial_run)
+            skipped = optimizer_step(trial_run)
             if scheduler is not None and not skipped:
                 step_scheduler(model_file, scheduler, loss)
         end = probe_loss(model)

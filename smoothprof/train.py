@@ -384,7 +384,7 @@ def gradient_norm(parameters: list[torch.Tensor], max_norm: float | None) -> flo
     return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
-def _cycle(model_file: ModelFile, loader: Any) -> Iterator[Any]:
+def cycle_batches(model_file: ModelFile, loader: Any) -> Iterator[Any]:
     """Batches forever: the dataloader is iterated again as often as needed.
 
     ``train`` draws one batch per step from step 0, so the batches drawn so far are the step
@@ -701,13 +701,13 @@ def train(
         groups=run.parameter_groups,
     )
     started = time.perf_counter()
-    batches = _cycle(model_file, run.loader)
+    batches = cycle_batches(model_file, run.loader)
     for step in range(config.steps):
         probed = probe.is_due(step)
         if probed:  # outside autocast: the probe measures the model's own dtype
             probe.before_step(step)
         run.optimizer.zero_grad(set_to_none=True)
-        loss = _accumulate_gradients(run, train_model, batches)
+        loss = accumulate_gradients(run, train_model, batches)
         if run.comm is not None:  # the global minibatch loss: the mean over the ranks
             loss = run.comm.sum_floats(loss)[0] / run.comm.world_size
         if run.scaler is not None:
@@ -717,7 +717,7 @@ def train(
         finite = math.isfinite(loss) and (math.isfinite(norm) or run.scaler is not None)
         skipped = False
         if finite:
-            skipped = _optimizer_step(run)
+            skipped = optimizer_step(run)
             if run.scheduler is not None and not skipped:
                 step_scheduler(model_file, run.scheduler, loss)
         record = probe.after_step(update_made=finite and not skipped) if probed else None
@@ -749,7 +749,7 @@ def train(
     return result
 
 
-def _accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batches: Any) -> float:
+def accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batches: Any) -> float:
     """The gradients of ``config.accumulate`` batches, added up in ``.grad`` (each loss divided
     by their number, and scaled under ``--amp fp16``); returns the mean of their losses.
 
@@ -782,7 +782,7 @@ def _backward_scaling(run: PreparedRun) -> Callable[[torch.Tensor], torch.Tensor
     return scaled
 
 
-def _optimizer_step(run: PreparedRun) -> bool:
+def optimizer_step(run: PreparedRun) -> bool:
     """Step the optimizer (through the GradScaler under ``--amp fp16``); True when the scaler
     skipped the step because the gradient overflowed (then the parameters did not move)."""
     if run.scaler is None:
