@@ -171,7 +171,9 @@ def run_trials(
 ) -> list[Trial]:
     """Trials at base_lr · 2^k for k = FIRST_POWER, FIRST_POWER + 1, ..., until one is not
     stable (diverged, or ended no lower than it began), or is past the best step (it kept less
-    than ``PAST_SHARE`` of the best trial's progress), or ``max_trials`` ran."""
+    than ``PAST_SHARE`` of the best trial's progress), or ``max_trials`` ran; then, while the best
+    is the smallest step tried, at k = FIRST_POWER - 1, FIRST_POWER - 2, ... Returned in the
+    order of their lr."""
     trials: list[Trial] = []
     for k in range(FIRST_POWER, FIRST_POWER + max_trials):
         result = trial(base_lr * 2.0**k)
@@ -181,7 +183,21 @@ def run_trials(
         best = min(t.loss_end for t in trials if t.stable)
         if result.loss_start - result.loss_end < PAST_SHARE * (result.loss_start - best):
             break
+    # The best at the grid's smallest step has not been bracketed: halve below it until a
+    # trial ends no lower than the best so far.
+    k = FIRST_POWER
+    while len(trials) < max_trials and _best_is_smallest(trials):
+        k -= 1
+        trials.insert(0, trial(base_lr * 2.0**k))
     return trials
+
+
+def _best_is_smallest(trials: list[Trial]) -> bool:
+    stable = [t for t in trials if t.stable]
+    if not stable:
+        return False
+    best = min(stable, key=lambda t: (t.loss_end, t.lr))
+    return best.lr == min(t.lr for t in trials)
 
 
 def search_step_size(

@@ -84,6 +84,10 @@ def test_trials_double_until_one_does_not_train_and_the_lowest_end_wins():
     assert not diverged.stable
     assert StepSizeSearch(50, 1.0, "x", (*trials, diverged)).total_steps == 255
     assert len(run_trials(1.0, lambda lr: Trial(lr, 3.0, 1.0), max_trials=4)) == 4
+    # The best at the smallest step: halving below it until a trial is no better.
+    lower = {0.125: 0.5, 0.25: 0.4, 0.5: 2.9}
+    lrs = [t.lr for t in run_trials(1.0, lambda lr: Trial(lr, 3.0, lower[lr]))]
+    assert lrs == [0.125, 0.25, 0.5]
     # Past the best: a trial that keeps less than half the best trial's progress ends it.
     past = {0.25: 2.0, 0.5: 1.0, 1.0: 2.1, 2.0: 0.1}
     assert [t.lr for t in run_trials(1.0, lambda lr: Trial(lr, 3.0, past[lr]))] == [0.25, 0.5, 1.0]
