@@ -379,7 +379,8 @@ def run(
             "--lr-search/--no-lr-search",
             help="After training, search the step size: trials of a tenth of the run's steps "
             "(at least 20) from the initialization, at lr doubling from a quarter of the "
-            "stability threshold 2/λ0 that the first probe measured, until one does not train; "
+            "stability threshold 2/λ0 that the first probe measured, until one does not train "
+            "or improve; "
             "`fit` recommends the best [default: on; off without probes].",
         ),
     ] = None,
