@@ -14,7 +14,7 @@ that returns the gradient at a point along a segment.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,9 +150,7 @@ def _lanczos(
         raise ValueError("the start vector must be finite and non-zero")
     dim = start.numel()
     rows = min(max_matvecs, dim) if max_basis is None else min(max_matvecs, dim, max_basis)
-    # The basis grows by doubling: memory follows the iterations used, up to ``rows``.
-    basis = torch.empty((min(rows, 8), dim), dtype=start.dtype, device=start.device)
-    basis[0] = start.reshape(-1) / start_norm
+    basis = _BlockBasis(start.reshape(-1) / start_norm, rows)
     projected = torch.zeros((rows, rows), dtype=torch.float64)
     size, kept, restarts, num_matvecs = 1, 0, 0, 0
     theta, ritz_vector, residual = 0.0, np.ones(1), math.inf
@@ -160,9 +158,9 @@ def _lanczos(
     invariant_tol = 64 * torch.finfo(start.dtype).eps
     while num_matvecs < max_matvecs:
         k = size - 1
-        q = basis[k]
+        q = basis.row(k)
         # In place from here on: with HVPs of a millisecond, allocating vectors shows.
-        w = matvec(q).reshape(-1).to(dtype=basis.dtype, copy=True)
+        w = matvec(q).reshape(-1).to(dtype=q.dtype, copy=True)
         num_matvecs += 1
         alpha = float(torch.dot(q, w))
         projected[k, k] = alpha
@@ -171,16 +169,14 @@ def _lanczos(
         # alpha q + beta q_prev (which it is at every step).
         w.add_(q, alpha=-alpha)
         if k > 0 and k == kept:  # the first step after a restart: q couples to every kept vector
-            couplings = projected[:kept, k].to(dtype=basis.dtype, device=basis.device)
-            w.addmv_(basis[:kept].T, couplings, alpha=-1)
+            basis.subtract_combination(w, projected[:kept, k])
         elif k > 0:
-            w.add_(basis[k - 1], alpha=-float(projected[k - 1, k]))
-        active = basis[:size]
+            w.add_(basis.row(k - 1), alpha=-float(projected[k - 1, k]))
         norm_before = float(torch.linalg.vector_norm(w))
-        w.addmv_(active.T, active @ w, alpha=-1)
+        basis.project_out(w, size)
         beta = float(torch.linalg.vector_norm(w))
         if beta < 0.7 * norm_before:
-            w.addmv_(active.T, active @ w, alpha=-1)
+            basis.project_out(w, size)
             beta = float(torch.linalg.vector_norm(w))
         thetas, vectors = _symmetric_eigh(projected[:size, :size])
         index = int(np.argmax(np.abs(thetas)))
@@ -200,16 +196,11 @@ def _lanczos(
             kept = _thick_restart(basis, projected, thetas, vectors, beta, max_basis or rows)
             size = kept
             restarts += 1
-        elif size == basis.shape[0]:
-            grown = torch.empty((min(2 * size, rows), dim), dtype=basis.dtype, device=basis.device)
-            grown[:size] = basis
-            basis = grown
         if kept != size:  # a plain step
             projected[k, k + 1] = projected[k + 1, k] = beta
-        torch.div(w, beta, out=basis[size])
+        basis.set_row(size, w.div_(beta))
         size += 1
-    coefficients = torch.as_tensor(ritz_vector, dtype=start.dtype, device=start.device)
-    eigenvector = basis[:size].T @ coefficients
+    eigenvector = basis.combination(torch.as_tensor(ritz_vector), size)
     eigenvector = eigenvector / torch.linalg.vector_norm(eigenvector)
     result = EigenResult(
         eigenvalue=theta,
@@ -219,11 +210,11 @@ def _lanczos(
         residual=residual,
         restarts=restarts,
     )
-    return result, basis[:size]
+    return result, basis.matrix(size)
 
 
 def _thick_restart(
-    basis: torch.Tensor,
+    basis: _BlockBasis,
     projected: torch.Tensor,
     thetas: np.ndarray,
     vectors: np.ndarray,
@@ -237,11 +228,7 @@ def _thick_restart(
     top, bottom = restart_sizes(max_basis)
     size = len(thetas)
     chosen = list(range(bottom)) + list(range(size - top, size))
-    ritz = torch.as_tensor(vectors[:, chosen].T.copy(), dtype=basis.dtype, device=basis.device)
-    # Column by column block, so that the rotation needs no second basis in memory.
-    for first in range(0, basis.shape[1], _RESTART_BLOCK):
-        block = slice(first, first + _RESTART_BLOCK)
-        basis[: len(chosen), block] = ritz @ basis[:size, block]
+    basis.rotate(torch.as_tensor(vectors[:, chosen].T.copy()), size)
     kept = len(chosen)
     projected.zero_()
     projected[:kept, :kept] = torch.diag(torch.as_tensor(thetas[chosen]))
@@ -249,6 +236,83 @@ def _thick_restart(
     projected[:kept, kept] = couplings
     projected[kept, :kept] = couplings
     return kept
+
+
+class _BlockBasis:
+    """The Lanczos basis: up to ``rows`` orthonormal rows, in blocks of 8, 8, 16, 32, ... rows
+    that are allocated as the rows are used and never copied, so that memory follows the
+    iterations used and never holds more than ``rows`` vectors (growing one array by doubling
+    held the old and the new at once: 36 vectors for a bound of 20)."""
+
+    def __init__(self, first: torch.Tensor, rows: int) -> None:
+        self.rows = rows
+        self.blocks = [first.new_empty((min(8, rows), first.numel()))]
+        self.starts = [0]
+        self.blocks[0][0] = first
+
+    def _locate(self, index: int) -> tuple[torch.Tensor, int]:
+        for block, first in zip(reversed(self.blocks), reversed(self.starts)):
+            if index >= first:
+                return block, index - first
+        raise IndexError(index)
+
+    def row(self, index: int) -> torch.Tensor:
+        block, offset = self._locate(index)
+        return block[offset]
+
+    def set_row(self, index: int, vector: torch.Tensor) -> None:
+        if index >= self.rows:
+            raise IndexError(f"the basis holds {self.rows} rows, not {index + 1}")
+        capacity = self.starts[-1] + self.blocks[-1].shape[0]
+        if index == capacity:  # the next block: as many rows as there are, up to ``rows``
+            size = min(capacity, self.rows - capacity)
+            self.blocks.append(self.blocks[0].new_empty((size, self.blocks[0].shape[1])))
+            self.starts.append(capacity)
+        block, offset = self._locate(index)
+        block[offset] = vector
+
+    def _pieces(self, size: int) -> Iterator[tuple[torch.Tensor, slice]]:
+        """The blocks' first ``size`` rows, each with its rows' slice of a coefficient vector."""
+        for block, first in zip(self.blocks, self.starts):
+            if first >= size:
+                break
+            used = min(block.shape[0], size - first)
+            yield block[:used], slice(first, first + used)
+
+    def project_out(self, vector: torch.Tensor, size: int) -> None:
+        """One classical Gram-Schmidt pass against the first ``size`` rows, in place."""
+        pieces = list(self._pieces(size))
+        products = [rows @ vector for rows, _ in pieces]  # all from the same vector
+        for (rows, _), product in zip(pieces, products):
+            vector.addmv_(rows.T, product, alpha=-1)
+
+    def subtract_combination(self, vector: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """``vector -= sum_i coefficients[i] * row i``, in place."""
+        coefficients = coefficients.to(dtype=vector.dtype, device=vector.device)
+        for rows, part in self._pieces(len(coefficients)):
+            vector.addmv_(rows.T, coefficients[part], alpha=-1)
+
+    def combination(self, coefficients: torch.Tensor, size: int) -> torch.Tensor:
+        """``sum_i coefficients[i] * row i`` over the first ``size`` rows."""
+        result = self.blocks[0].new_zeros(self.blocks[0].shape[1])
+        self.subtract_combination(result, -coefficients[:size])
+        return result
+
+    def rotate(self, coefficients: torch.Tensor, size: int) -> None:
+        """Rows ``0..r-1`` become ``coefficients @ rows[:size]`` (``coefficients`` r x size),
+        column block by column block, so that no second basis is held."""
+        kept = coefficients.shape[0]
+        coefficients = coefficients.to(self.blocks[0])
+        for first in range(0, self.blocks[0].shape[1], _RESTART_BLOCK):
+            columns = slice(first, first + _RESTART_BLOCK)
+            old = torch.cat([rows[:, columns] for rows, _ in self._pieces(size)])
+            new = coefficients @ old
+            for rows, part in self._pieces(kept):
+                rows[:, columns] = new[part]
+
+    def matrix(self, size: int) -> torch.Tensor:
+        """The first ``size`` rows as one matrix (a copy)."""
+        return torch.cat([rows for rows, _ in self._pieces(size)])
 
 
 def _no_larger_eigenvalue_missed(thetas: np.ndarray, residuals: np.ndarray, rtol: float) -> bool:

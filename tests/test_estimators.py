@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import solver_storage_bytes
 
 from smoothprof.estimators import (
     MISSED_OVERLAP,
@@ -344,3 +345,55 @@ def test_bounded_lanczos_guarantee_when_the_start_lacks_the_top_eigenvector():
 def test_bounded_lanczos_rejects_a_basis_too_small_to_restart():
     with pytest.raises(ValueError, match="max_basis"):
         lanczos_top_eigenpair(lambda v: v, torch.ones(10), max_basis=3)
+
+
+@pytest.mark.parametrize("max_basis", [20, 9, None])
+def test_bounded_lanczos_holds_at_most_max_basis_vectors_and_two(max_basis):
+    from smoothprof.estimators import _lanczos
+
+    matrix, _, first = four_cluster(100, (0.0, 9.9), 0)  # 60 products unbounded
+    peak = 0
+
+    def matvec(vector):
+        nonlocal peak
+        peak = max(peak, solver_storage_bytes(100))
+        return matrix @ vector
+
+    result, _ = _lanczos(matvec, first, rtol=1e-3, max_matvecs=1000, max_basis=max_basis)
+    assert result.converged
+    vector_bytes = 100 * 8
+    if max_basis is None:  # what the bound prevents: a vector per product
+        assert peak >= result.num_matvecs * vector_bytes > 40 * vector_bytes
+    else:
+        assert result.restarts >= 1
+        # held at every product: the basis, the new vector and the start
+        assert peak <= (max_basis + 2) * vector_bytes
+
+
+def test_the_basis_grows_without_copying_up_to_its_bound():
+    from smoothprof.estimators import _BlockBasis
+
+    vectors = torch.eye(30, dtype=torch.float64)
+    basis = _BlockBasis(vectors[0], rows=20)
+    first_block = basis.blocks[0].untyped_storage().data_ptr()
+    for row in range(1, 20):
+        basis.set_row(row, vectors[row])
+    # rows 0..7 never moved: growing allocated new blocks (8, 8 and 4 rows), copied nothing
+    assert basis.blocks[0].untyped_storage().data_ptr() == first_block
+    assert [len(block) for block in basis.blocks] == [8, 8, 4]
+    assert torch.equal(basis.matrix(20), vectors[:20])
+    with pytest.raises(IndexError):
+        basis.set_row(20, vectors[20])
+
+
+def test_bounded_lanczos_rotates_the_basis_in_column_blocks(monkeypatch):
+    import smoothprof.estimators as estimators
+
+    matrix, _, first = four_cluster(100, (0.0, 9.9), 1)
+    whole = estimators.lanczos_top_eigenpair(matrix.matmul, first, max_basis=8)
+    monkeypatch.setattr(estimators, "_RESTART_BLOCK", 7)  # 15 blocks, the last of 2 columns
+    blocks = estimators.lanczos_top_eigenpair(matrix.matmul, first, max_basis=8)
+    assert whole.restarts >= 2
+    assert (blocks.num_matvecs, blocks.restarts) == (whole.num_matvecs, whole.restarts)
+    assert blocks.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-12)
+    torch.testing.assert_close(blocks.eigenvector, whole.eigenvector, rtol=0, atol=1e-10)
