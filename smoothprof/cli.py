@@ -359,6 +359,7 @@ def run(
     max_basis: Annotated[
         int | None,
         typer.Option(
+            min=4,  # estimators.MIN_BASIS, not imported here: it imports torch
             help="Vectors of the model's size the eigen-solver holds at most; a solve that "
             "needs more restarts (thick restart, same certificate) [default: 20]."
         ),
@@ -668,7 +669,7 @@ def _print_summary(
     if result.restarted_solves:
         console.print(
             f"{plural(result.restarted_solves, 'eigen-solve')} filled the Lanczos basis "
-            f"(--max-basis {config.max_basis}) and restarted: same certificate, more HVPs",
+            f"(--max-basis {config.max_basis}) and restarted, with the same certificate",
             markup=False,
             soft_wrap=True,
         )
