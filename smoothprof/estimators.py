@@ -58,6 +58,7 @@ class EigenResult:
     other end): no solver that only multiplies by H finds an eigenvector its start vector (nearly)
     lacks. ``value`` is never above the largest |eigenvalue| (it is a Rayleigh quotient); where
     the two ends of the spectrum are within ``rtol`` in magnitude, either may be returned.
+    ``restarts`` counts the times Lanczos's basis was full (``max_basis``) and restarted.
     """
 
     eigenvalue: float
