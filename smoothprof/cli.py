@@ -356,6 +356,14 @@ def run(
         int | None,
         typer.Option(min=1, help="Hessian-vector products per probe at most [default: 100]."),
     ] = None,
+    max_basis: Annotated[
+        int | None,
+        typer.Option(
+            min=4,  # estimators.MIN_BASIS, not imported here: it imports torch
+            help="Vectors of the model's size the eigen-solver holds at most; a solve that "
+            "needs more restarts (thick restart, same certificate) [default: 20]."
+        ),
+    ] = None,
     per_layer: Annotated[
         bool | None,
         typer.Option(
@@ -422,7 +430,8 @@ def run(
         "probe_schedule": probe_schedule, "probes_per_decade": probes_per_decade,
         "num_probes": num_probes,
         "max_overhead": max_overhead, "hvp_method": hvp_method, "retain_graphs": retain_graphs,
-        "max_hvps": max_hvps, "seed": seed, "device": device, "probe_mode": probe_mode,
+        "max_hvps": max_hvps, "max_basis": max_basis, "seed": seed, "device": device,
+        "probe_mode": probe_mode,
         "per_layer": per_layer, "groups": groups, "lr_search": lr_search,
     }  # fmt: skip
     if estimators is not None:
@@ -669,6 +678,13 @@ def _print_summary(
         console.print(
             f"the fp16 GradScaler skipped {plural(result.steps_skipped, 'step')} whose gradient "
             "overflowed (train/skipped); the probes at those steps have no finite difference",
+            markup=False,
+            soft_wrap=True,
+        )
+    if result.restarted_solves:
+        console.print(
+            f"{plural(result.restarted_solves, 'eigen-solve')} filled the Lanczos basis "
+            f"(--max-basis {config.max_basis}) and restarted, with the same certificate",
             markup=False,
             soft_wrap=True,
         )

@@ -14,7 +14,7 @@ that returns the gradient at a point along a segment.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,19 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 # 6.8), 2 to 15 more for a cold start.
 MISSED_OVERLAP = 0.1
 
+# The Lanczos basis holds at most this many vectors of the operator's size by default (the
+# solver's working vectors add two): 80 MB for a 1M-parameter float32 model, where the unbounded
+# basis took up to ``max_matvecs``. Chosen by HVP counts at rtol 1e-3 (deterministic; the tests'
+# spectra, unbounded -> 20): the four-cluster with the rest close below 56.8 -> 62.4 per solve,
+# -50 beside a dense [0, 100] (n = 400) 66.2 -> 69.8, the others within 1; a basis of 10 took
+# 131 on the four-cluster, one of 30 58.3. All within rtol of the dense eigenvalues. On the sample
+# models (`run --steps 300 --num-probes 8 --estimators hvp`, 20 against 100): mlp_spirals and
+# linear_rnn never fill it (7 to 14 products); char_lstm's cold and third probes (27, 23) restart,
+# with the same product counts and eigenvalues to 5 digits.
+DEFAULT_MAX_BASIS = 20
+MIN_BASIS = 4  # a Ritz vector at each end, the next Lanczos vector, and room for one step
+_RESTART_BLOCK = 1 << 16  # columns rotated at a time at a restart
+
 
 @dataclass(frozen=True)
 class EigenResult:
@@ -45,6 +58,7 @@ class EigenResult:
     other end): no solver that only multiplies by H finds an eigenvector its start vector (nearly)
     lacks. ``value`` is never above the largest |eigenvalue| (it is a Rayleigh quotient); where
     the two ends of the spectrum are within ``rtol`` in magnitude, either may be returned.
+    ``restarts`` counts the times Lanczos's basis was full (``max_basis``) and restarted.
     """
 
     eigenvalue: float
@@ -52,6 +66,7 @@ class EigenResult:
     num_matvecs: int
     converged: bool
     residual: float
+    restarts: int = 0
 
     @property
     def value(self) -> float:
@@ -65,6 +80,7 @@ def lanczos_top_eigenpair(
     *,
     rtol: float = 1e-3,
     max_matvecs: int = 100,
+    max_basis: int | None = DEFAULT_MAX_BASIS,
 ) -> EigenResult:
     """Lanczos with full reorthogonalization for the eigenvalue of largest magnitude.
 
@@ -76,11 +92,29 @@ def lanczos_top_eigenpair(
     that close: one Ritz value stands for a cluster of eigenvalues until Lanczos resolves it, its
     residual the cluster's spread. Also stops, exact, when the Krylov space is invariant.
 
-    The tridiagonal matrix is solved in float64; the basis is kept in ``start``'s dtype and
+    The basis holds at most ``max_basis`` vectors of ``start``'s size (None: as many as
+    products taken). A solve that needs more restarts instead of growing (thick restart, Wu and
+    Simon 2000): the basis shrinks to the Ritz vectors at both ends of the spectrum
+    (``restart_sizes``) and the last Lanczos vector, and goes on from there with the same test,
+    so the certificate is unchanged; ``EigenResult.restarts`` counts the restarts. Until the
+    basis is full, the solver is the unbounded one, step for step.
+
+    The projected matrix is solved in float64; the basis is kept in ``start``'s dtype and
     device and reorthogonalized against at every step, a second time when the first pass
     cancelled most of the new vector ("twice is enough").
     """
-    return _lanczos(matvec, start, rtol=rtol, max_matvecs=max_matvecs)[0]
+    return _lanczos(matvec, start, rtol=rtol, max_matvecs=max_matvecs, max_basis=max_basis)[0]
+
+
+def restart_sizes(max_basis: int) -> tuple[int, int]:
+    """How many Ritz vectors a thick restart of a full basis of ``max_basis`` vectors keeps at
+    the top and at the bottom of the spectrum: a third of the basis at each end (rounded down,
+    at least one), leaving a third or more for new Lanczos vectors.
+    Measured (HVP counts, rtol 1e-3, the tests' spectra) against keeping a fifth or 45% of a
+    basis of 10, 20 or 30: a third was best or within 2% of it at 20 and 30; 45% restarts so
+    often that the hardest spectrum took 15% more products."""
+    each = max(1, max_basis // 3)
+    return each, each
 
 
 def _lanczos(
@@ -89,8 +123,9 @@ def _lanczos(
     *,
     rtol: float,
     max_matvecs: int,
+    max_basis: int | None = None,
 ) -> tuple[EigenResult, torch.Tensor]:
-    """``lanczos_top_eigenpair`` and the orthonormal basis it built (rows), for tests.
+    """``lanczos_top_eigenpair`` and the orthonormal basis it holds at the end (rows), for tests.
 
     Every new vector, after the three-term recurrence, is orthogonalized against the whole
     basis, a second time only when that pass cancelled most of what the recurrence left
@@ -98,74 +133,187 @@ def _lanczos(
     reorthogonalization (Simon's estimates, as in PROPACK) would skip most of these passes, but
     its estimates fell behind the true loss of orthogonality on some spectra in float32 (tests:
     the basis must stay orthogonal where plain Lanczos loses it), so the solver pays for them.
+
+    After a thick restart the basis is [Ritz vectors kept, q], and H V = V T + beta q' e^T
+    still holds with T the Ritz values on the diagonal and the couplings ``beta * y_last`` of
+    each kept Ritz vector to q in q's row and column (an arrowhead); the recurrence of q's step
+    subtracts those couplings, the later steps are tridiagonal again. So the residual of every
+    Ritz pair is still ``beta * |y_last|``.
     """
     if rtol <= 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
     if max_matvecs < 1:
         raise ValueError(f"max_matvecs must be at least 1, got {max_matvecs}")
+    if max_basis is not None and max_basis < MIN_BASIS:
+        raise ValueError(f"max_basis must be at least {MIN_BASIS}, got {max_basis}")
     start_norm = torch.linalg.vector_norm(start)
     if not torch.isfinite(start_norm) or start_norm == 0:
         raise ValueError("the start vector must be finite and non-zero")
     dim = start.numel()
-    max_steps = min(max_matvecs, dim)
-    # The basis grows by doubling: memory follows the iterations used, not the budget.
-    basis = torch.empty((min(max_steps, 8), dim), dtype=start.dtype, device=start.device)
-    basis[0] = start.reshape(-1) / start_norm
-    alphas: list[float] = []
-    betas: list[float] = []
+    rows = min(max_matvecs, dim) if max_basis is None else min(max_matvecs, dim, max_basis)
+    basis = _BlockBasis(start.reshape(-1) / start_norm, rows)
+    projected = torch.zeros((rows, rows), dtype=torch.float64)
+    size, kept, restarts, num_matvecs = 1, 0, 0, 0
     theta, ritz_vector, residual = 0.0, np.ones(1), math.inf
     converged = False
     invariant_tol = 64 * torch.finfo(start.dtype).eps
-    for k in range(max_steps):
-        q = basis[k]
+    while num_matvecs < max_matvecs:
+        k = size - 1
+        q = basis.row(k)
         # In place from here on: with HVPs of a millisecond, allocating vectors shows.
-        w = matvec(q).reshape(-1).to(dtype=basis.dtype, copy=True)
+        w = matvec(q).reshape(-1).to(dtype=q.dtype, copy=True)
+        num_matvecs += 1
         alpha = float(torch.dot(q, w))
-        alphas.append(alpha)
-        # The three-term recurrence first, so that the test below sees only what the full
-        # pass removes: a second pass is needed when orthogonality was lost, not because
-        # H q is mostly alpha q + beta q_prev (which it is at every step).
+        projected[k, k] = alpha
+        # The recurrence first, so that the test below sees only what the full pass removes:
+        # a second pass is needed when orthogonality was lost, not because H q is mostly
+        # alpha q + beta q_prev (which it is at every step).
         w.add_(q, alpha=-alpha)
-        if k > 0:
-            w.add_(basis[k - 1], alpha=-betas[-1])
-        active = basis[: k + 1]
+        if k > 0 and k == kept:  # the first step after a restart: q couples to every kept vector
+            basis.subtract_combination(w, projected[:kept, k])
+        elif k > 0:
+            w.add_(basis.row(k - 1), alpha=-float(projected[k - 1, k]))
         norm_before = float(torch.linalg.vector_norm(w))
-        w.addmv_(active.T, active @ w, alpha=-1)
+        basis.project_out(w, size)
         beta = float(torch.linalg.vector_norm(w))
         if beta < 0.7 * norm_before:
-            w.addmv_(active.T, active @ w, alpha=-1)
+            basis.project_out(w, size)
             beta = float(torch.linalg.vector_norm(w))
-        thetas, vectors = _tridiagonal_eigh(alphas, betas)
+        thetas, vectors = _symmetric_eigh(projected[:size, :size])
         index = int(np.argmax(np.abs(thetas)))
         theta, ritz_vector = float(thetas[index]), vectors[:, index]
         residual = beta * abs(float(ritz_vector[-1]))
-        betas.append(beta)
         scale = max(abs(theta), float(np.max(np.abs(thetas))), 1e-300)
         residuals = beta * np.abs(vectors[-1])
         if _no_larger_eigenvalue_missed(thetas, residuals, rtol) or beta <= invariant_tol * scale:
             converged = True
             break
-        if not math.isfinite(beta):
+        if size == dim:  # the whole space: the Ritz values are the eigenvalues
+            converged = True
             break
-        if k + 1 < max_steps:
-            if k + 1 == basis.shape[0]:
-                rows = min(2 * basis.shape[0], max_steps)
-                grown = torch.empty((rows, dim), dtype=basis.dtype, device=basis.device)
-                grown[: k + 1] = basis
-                basis = grown
-            torch.div(w, beta, out=basis[k + 1])
-    num_matvecs = len(alphas)
-    coefficients = torch.as_tensor(ritz_vector, dtype=start.dtype, device=start.device)
-    eigenvector = basis[:num_matvecs].T @ coefficients
+        if not math.isfinite(beta) or num_matvecs == max_matvecs:
+            break
+        if size == rows:
+            kept = _thick_restart(basis, projected, thetas, vectors, beta, max_basis or rows)
+            size = kept
+            restarts += 1
+        if kept != size:  # a plain step
+            projected[k, k + 1] = projected[k + 1, k] = beta
+        basis.set_row(size, w.div_(beta))
+        size += 1
+    eigenvector = basis.combination(torch.as_tensor(ritz_vector), size)
     eigenvector = eigenvector / torch.linalg.vector_norm(eigenvector)
     result = EigenResult(
         eigenvalue=theta,
         eigenvector=eigenvector.reshape(start.shape),
         num_matvecs=num_matvecs,
-        converged=converged or num_matvecs == dim,
+        converged=converged,
         residual=residual,
+        restarts=restarts,
     )
-    return result, basis[:num_matvecs]
+    return result, basis.matrix(size)
+
+
+def _thick_restart(
+    basis: _BlockBasis,
+    projected: torch.Tensor,
+    thetas: np.ndarray,
+    vectors: np.ndarray,
+    beta: float,
+    max_basis: int,
+) -> int:
+    """Shrink a full basis, in place, to the Ritz vectors ``restart_sizes`` keeps at both ends
+    of the spectrum, and ``projected`` to their Ritz values with their couplings ``beta *
+    y_last`` to the next Lanczos vector (which the caller puts in the row after them).
+    Returns how many were kept."""
+    top, bottom = restart_sizes(max_basis)
+    size = len(thetas)
+    chosen = list(range(bottom)) + list(range(size - top, size))
+    basis.rotate(torch.as_tensor(vectors[:, chosen].T.copy()), size)
+    kept = len(chosen)
+    projected.zero_()
+    projected[:kept, :kept] = torch.diag(torch.as_tensor(thetas[chosen]))
+    couplings = torch.as_tensor(beta * vectors[-1, chosen])
+    projected[:kept, kept] = couplings
+    projected[kept, :kept] = couplings
+    return kept
+
+
+class _BlockBasis:
+    """The Lanczos basis: up to ``rows`` orthonormal rows, in blocks of 8, 8, 16, 32, ... rows
+    that are allocated as the rows are used and never copied, so that memory follows the
+    iterations used and never holds more than ``rows`` vectors (growing one array by doubling
+    held the old and the new at once: 36 vectors for a bound of 20)."""
+
+    def __init__(self, first: torch.Tensor, rows: int) -> None:
+        self.rows = rows
+        self.blocks = [first.new_empty((min(8, rows), first.numel()))]
+        self.starts = [0]
+        self.blocks[0][0] = first
+
+    def _locate(self, index: int) -> tuple[torch.Tensor, int]:
+        for block, first in zip(reversed(self.blocks), reversed(self.starts)):
+            if index >= first:
+                return block, index - first
+        raise IndexError(index)
+
+    def row(self, index: int) -> torch.Tensor:
+        block, offset = self._locate(index)
+        return block[offset]
+
+    def set_row(self, index: int, vector: torch.Tensor) -> None:
+        if index >= self.rows:
+            raise IndexError(f"the basis holds {self.rows} rows, not {index + 1}")
+        capacity = self.starts[-1] + self.blocks[-1].shape[0]
+        if index == capacity:  # the next block: as many rows as there are, up to ``rows``
+            size = min(capacity, self.rows - capacity)
+            self.blocks.append(self.blocks[0].new_empty((size, self.blocks[0].shape[1])))
+            self.starts.append(capacity)
+        block, offset = self._locate(index)
+        block[offset] = vector
+
+    def _pieces(self, size: int) -> Iterator[tuple[torch.Tensor, slice]]:
+        """The blocks' first ``size`` rows, each with its rows' slice of a coefficient vector."""
+        for block, first in zip(self.blocks, self.starts):
+            if first >= size:
+                break
+            used = min(block.shape[0], size - first)
+            yield block[:used], slice(first, first + used)
+
+    def project_out(self, vector: torch.Tensor, size: int) -> None:
+        """One classical Gram-Schmidt pass against the first ``size`` rows, in place."""
+        pieces = list(self._pieces(size))
+        products = [rows @ vector for rows, _ in pieces]  # all from the same vector
+        for (rows, _), product in zip(pieces, products):
+            vector.addmv_(rows.T, product, alpha=-1)
+
+    def subtract_combination(self, vector: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """``vector -= sum_i coefficients[i] * row i``, in place."""
+        coefficients = coefficients.to(dtype=vector.dtype, device=vector.device)
+        for rows, part in self._pieces(len(coefficients)):
+            vector.addmv_(rows.T, coefficients[part], alpha=-1)
+
+    def combination(self, coefficients: torch.Tensor, size: int) -> torch.Tensor:
+        """``sum_i coefficients[i] * row i`` over the first ``size`` rows."""
+        result = self.blocks[0].new_zeros(self.blocks[0].shape[1])
+        self.subtract_combination(result, -coefficients[:size])
+        return result
+
+    def rotate(self, coefficients: torch.Tensor, size: int) -> None:
+        """Rows ``0..r-1`` become ``coefficients @ rows[:size]`` (``coefficients`` r x size),
+        column block by column block, so that no second basis is held."""
+        kept = coefficients.shape[0]
+        coefficients = coefficients.to(self.blocks[0])
+        for first in range(0, self.blocks[0].shape[1], _RESTART_BLOCK):
+            columns = slice(first, first + _RESTART_BLOCK)
+            old = torch.cat([rows[:, columns] for rows, _ in self._pieces(size)])
+            new = coefficients @ old
+            for rows, part in self._pieces(kept):
+                rows[:, columns] = new[part]
+
+    def matrix(self, size: int) -> torch.Tensor:
+        """The first ``size`` rows as one matrix (a copy)."""
+        return torch.cat([rows for rows, _ in self._pieces(size)])
 
 
 def _no_larger_eigenvalue_missed(thetas: np.ndarray, residuals: np.ndarray, rtol: float) -> bool:
@@ -187,15 +335,10 @@ def _no_larger_eigenvalue_missed(thetas: np.ndarray, residuals: np.ndarray, rtol
     )
 
 
-def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
-    """Eigenpairs of the Lanczos tridiagonal matrix, in float64, by torch on the CPU: numpy's
-    threaded LAPACK would compete with torch's threads for the cores between HVPs."""
-    size = len(alphas)
-    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if size > 1:
-        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
-        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-    values, vectors = torch.linalg.eigh(tridiagonal)
+def _symmetric_eigh(projected: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the projected matrix, in float64, by torch on the CPU: numpy's threaded
+    LAPACK would compete with torch's threads for the cores between HVPs."""
+    values, vectors = torch.linalg.eigh(projected)
     return values.numpy(), vectors.numpy()
 
 

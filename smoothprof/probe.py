@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from .distributed import Communicator, communicator, unwrap
-from .estimators import finite_difference_smoothness, lanczos_top_eigenpair
+from .estimators import (
+    DEFAULT_MAX_BASIS,
+    MIN_BASIS,
+    EigenResult,
+    finite_difference_smoothness,
+    lanczos_top_eigenpair,
+)
 from .groups import GroupSpec, ParameterGroup, resolve_groups
 from .objective import (
     HVP_METHODS,
@@ -74,6 +80,7 @@ class HessianNorm:
     num_hvps: int
     converged: bool
     residual: float
+    restarts: int = 0  # times the solver's basis was full and restarted (``max_basis``)
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,7 @@ def hessian_norm(
     *,
     rtol: float = 1e-3,
     max_hvps: int = 100,
+    max_basis: int | None = DEFAULT_MAX_BASIS,
     start: torch.Tensor | None = None,
     mode: str | None = None,
     seed: int = 0,
@@ -180,7 +188,9 @@ def hessian_norm(
     is within ``rtol`` (relative) of the largest |eigenvalue|, unless the start vector (nearly)
     lacked its eigenvector, which no solver on Hessian-vector products can see (the exact
     guarantee: see ``HessianNorm``); false when ``max_hvps`` products did not suffice to show
-    it. The Hessian is taken in the model's own dtype and device, in its current train/eval mode
+    it. The solver holds at most ``max_basis`` vectors of the model's size (None: one per HVP)
+    and restarts when it needs more, with the same guarantee (``estimators.lanczos_top_eigenpair``).
+    The Hessian is taken in the model's own dtype and device, in its current train/eval mode
     unless ``mode`` ("train" or "eval") is given; ``start`` (flat) warm starts the solver, e.g.
     with a previous result's ``eigenvector``. Dropout draws one fixed mask per batch (seeded by
     ``seed``). The model and the global RNG states are left as they were.
@@ -216,7 +226,9 @@ def hessian_norm(
             comm=comm,
         )
         objective.gradient(create_graph=True)
-        result = _top_eigenpair(objective, start, rtol=rtol, max_hvps=max_hvps, seed=seed)
+        result = _top_eigenpair(
+            objective, start, rtol=rtol, max_hvps=max_hvps, max_basis=max_basis, seed=seed
+        )
         objective.release()
     return result
 
@@ -255,6 +267,7 @@ def _top_eigenpair(
     rtol: float,
     max_hvps: int,
     seed: int,
+    max_basis: int | None = DEFAULT_MAX_BASIS,
     on_hvp: Callable[[], None] | None = None,
 ) -> HessianNorm:
     if start is None:
@@ -268,7 +281,13 @@ def _top_eigenpair(
             on_hvp()
             return product
 
-    eig = lanczos_top_eigenpair(matvec, start, rtol=rtol, max_matvecs=max_hvps)
+    eig = lanczos_top_eigenpair(
+        matvec, start, rtol=rtol, max_matvecs=max_hvps, max_basis=max_basis
+    )
+    return _as_hessian_norm(eig)
+
+
+def _as_hessian_norm(eig: EigenResult) -> HessianNorm:
     return HessianNorm(
         value=eig.value,
         eigenvalue=eig.eigenvalue,
@@ -276,6 +295,7 @@ def _top_eigenpair(
         num_hvps=eig.num_matvecs,
         converged=eig.converged,
         residual=eig.residual,
+        restarts=eig.restarts,
     )
 
 
@@ -306,6 +326,7 @@ def _block_top_eigenpair(
     *,
     rtol: float,
     max_hvps: int,
+    max_basis: int | None = DEFAULT_MAX_BASIS,
     on_hvp: Callable[[], None] | None = None,
 ) -> HessianNorm:
     """The top eigenpair of the Hessian's diagonal block at ``coordinates``: Lanczos in the
@@ -323,16 +344,13 @@ def _block_top_eigenpair(
         return product
 
     eig = lanczos_top_eigenpair(
-        matvec, start.detach().reshape(-1).to(template), rtol=rtol, max_matvecs=max_hvps
+        matvec,
+        start.detach().reshape(-1).to(template),
+        rtol=rtol,
+        max_matvecs=max_hvps,
+        max_basis=max_basis,
     )
-    return HessianNorm(
-        value=eig.value,
-        eigenvalue=eig.eigenvalue,
-        eigenvector=eig.eigenvector.detach(),
-        num_hvps=eig.num_matvecs,
-        converged=eig.converged,
-        residual=eig.residual,
-    )
+    return _as_hessian_norm(eig)
 
 
 def hessian_block_norms(
@@ -343,6 +361,7 @@ def hessian_block_norms(
     groups: GroupSpec | None = None,
     rtol: float = 1e-3,
     max_hvps: int = 100,
+    max_basis: int | None = DEFAULT_MAX_BASIS,
     mode: str | None = None,
     seed: int = 0,
     hvp_method: str = "auto",
@@ -352,7 +371,8 @@ def hessian_block_norms(
     is None), the largest |eigenvalue| of the Hessian's diagonal block for the group, as a
     ``HessianNorm`` whose ``eigenvector`` lies in the group's coordinates (its parameters'
     flat values, in ``model.parameters()`` order). f, the mode, ``rtol`` and ``converged`` are
-    those of ``hessian_norm``; by Cauchy interlacing each value is at most ``hessian_norm``'s.
+    those of ``hessian_norm`` (and ``max_basis``); by Cauchy interlacing each value is at most
+    ``hessian_norm``'s.
     The model and the global RNG states are left as they were.
 
     >>> import torch
@@ -383,6 +403,7 @@ def hessian_block_norms(
                 start,
                 rtol=rtol,
                 max_hvps=max_hvps,
+                max_basis=max_basis,
             )
         objective.release()
     return results
@@ -467,7 +488,9 @@ class Probe:
     ``hvp_method`` is one of ``objective.HVP_METHODS`` or "auto" (the first of them, in that
     order, that works on the model: chosen at the first probe, by trying, not by timing);
     ``retain_graphs`` allows the "retained" method to keep every probe batch's graph at once
-    (default: only for a single batch).
+    (default: only for a single batch). Each eigen-solver holds at most ``max_basis`` vectors of
+    the model's size (None: one per HVP, up to ``max_hvps``) and restarts when it needs more
+    (``hessian_norm``); ``restarted_solves`` counts the solves that did.
 
     An estimator that raises (after every HVP method ``hvp_method`` allows has been tried) is
     recorded as NaN, left out of later probes, and reported once as a ``ProbeEstimatorWarning``
@@ -514,6 +537,7 @@ class Probe:
         estimators: Sequence[str] = ESTIMATORS,
         rtol: float = 1e-3,
         max_hvps: int = 100,
+        max_basis: int | None = DEFAULT_MAX_BASIS,
         fd_points: Sequence[float] = (0.5,),
         mode: str | None = "train",
         seed: int = 0,
@@ -537,6 +561,8 @@ class Probe:
             raise ValueError(f"hvp_method must be 'auto' or one of {HVP_METHODS}")
         if max_overhead is not None and max_overhead < 0:
             raise ValueError(f"max_overhead must be >= 0, got {max_overhead}")
+        if max_basis is not None and max_basis < MIN_BASIS:
+            raise ValueError(f"max_basis must be at least {MIN_BASIS}, got {max_basis}")
         self.model, self.comm = _model_and_communicator(model, distributed, process_group, mode)
         self.loss_fn = loss_fn
         self.batches = list(batches)
@@ -548,6 +574,9 @@ class Probe:
         self.estimators = tuple(estimators)
         self.rtol = rtol
         self.max_hvps = max_hvps
+        self.max_basis = max_basis
+        # Solves (whole Hessian, preconditioned, per group) whose basis was full and restarted.
+        self.restarted_solves = 0
         self.fd_points = tuple(fd_points)
         self.mode = mode
         self.seed = seed
@@ -674,12 +703,14 @@ class Probe:
                         self._eigenvector,
                         rtol=self.rtol,
                         max_hvps=self.max_hvps,
+                        max_basis=self.max_basis,
                         seed=self.seed + step + 1,
                         on_hvp=hvp_taken if self.on_hvp is not None else None,
                     )
                 except Exception as error:
                     self._estimators_failed(["hvp"], step, error)
                 else:
+                    self.restarted_solves += eig.restarts > 0
                     if math.isfinite(eig.eigenvalue):
                         self._eigenvector = eig.eigenvector
                     if PRECONDITIONED not in self.failed:
@@ -761,7 +792,10 @@ class Probe:
         if start is None:
             start = _random_start(objective.parameters, self.seed + step + 1)
         start = start.to(scale)
-        eig = lanczos_top_eigenpair(matvec, start, rtol=self.rtol, max_matvecs=self.max_hvps)
+        eig = lanczos_top_eigenpair(
+            matvec, start, rtol=self.rtol, max_matvecs=self.max_hvps, max_basis=self.max_basis
+        )
+        self.restarted_solves += eig.restarts > 0
         eigenvalue, num_hvps = eig.eigenvalue, eig.num_matvecs
         if math.isfinite(eigenvalue) and eigenvalue < 0:
             shift = -eigenvalue
@@ -770,7 +804,9 @@ class Probe:
                 start,
                 rtol=self.rtol,
                 max_matvecs=self.max_hvps,
+                max_basis=self.max_basis,
             )
+            self.restarted_solves += eig.restarts > 0
             eigenvalue, num_hvps = eig.eigenvalue - shift, num_hvps + eig.num_matvecs
         if math.isfinite(eigenvalue):
             self._preconditioned_vector = eig.eigenvector.detach()
@@ -804,8 +840,10 @@ class Probe:
                 start,
                 rtol=self.rtol,
                 max_hvps=self.max_hvps,
+                max_basis=self.max_basis,
                 on_hvp=on_hvp,
             )
+            self.restarted_solves += eig.restarts > 0
             if math.isfinite(eig.eigenvalue):
                 self._group_vectors[group.name] = eig.eigenvector
             measured.append(

@@ -25,6 +25,7 @@ from .choices import AMP_DTYPES, FILE_OPTIMIZER_OPTIONS, OPTIMIZERS
 from .cost import ProbeWork, ProbingCost, probe_work
 from .distributed import Communicator, ShardedLoader, shard_dataloader
 from .errors import ConfigError
+from .estimators import DEFAULT_MAX_BASIS, MIN_BASIS
 from .groups import ParameterGroup, group_entries, resolve_groups
 from .loading import (
     ModelFile,
@@ -81,6 +82,7 @@ class RunConfig:
     probe_mode: str = "train"
     rtol: float = 1e-3
     max_hvps: int = 100
+    max_basis: int = DEFAULT_MAX_BASIS  # vectors of the model's size an eigen-solver holds
     seed: int = 0
     device: str = "auto"
     lr_search: bool = True  # after training, the step-size search (smoothprof.step_search)
@@ -206,6 +208,10 @@ class RunConfig:
             problems.append(f"rtol must be positive, got {self.rtol!r}")
         if not isinstance(self.max_hvps, int) or self.max_hvps <= 0:
             problems.append(f"max_hvps must be a positive integer, got {self.max_hvps!r}")
+        if not isinstance(self.max_basis, int) or self.max_basis < MIN_BASIS:
+            problems.append(
+                f"max_basis must be an integer of at least {MIN_BASIS}, got {self.max_basis!r}"
+            )
         if self.per_layer not in (True, False):
             problems.append(f"per_layer must be true or false, got {self.per_layer!r}")
         elif self.per_layer and "hvp" not in self.estimators:
@@ -441,6 +447,7 @@ class RunResult:
     diverged_at: int | None = None
     seconds: float = 0.0
     probe_seconds: float = 0.0  # of ``seconds``, the time spent probing (writing rows included)
+    restarted_solves: int = 0  # eigen-solves whose basis reached --max-basis and restarted
 
     @property
     def diverged(self) -> bool:
@@ -690,6 +697,7 @@ def train(
         estimators=config.estimators,
         rtol=config.rtol,
         max_hvps=config.max_hvps,
+        max_basis=config.max_basis,
         fd_points=config.fd_points,
         mode=config.probe_mode,
         seed=config.seed,
@@ -745,6 +753,7 @@ def train(
     result.seconds = time.perf_counter() - started
     result.probe_seconds = probe.probe_seconds
     result.probes_skipped = probe.skipped
+    result.restarted_solves = probe.restarted_solves
     result.hvp_method = probe.hvp_method
     return result
 

@@ -139,3 +139,22 @@ def clean_sys_path():
     for name in set(sys.modules) - modules:
         if name.startswith("smoothprof_model_"):
             del sys.modules[name]
+
+
+def solver_storage_bytes(dim: int) -> int:
+    """Bytes of the distinct storages of full-size tensors the running Lanczos solver holds
+    (its basis blocks, the new vector, the start): read from the solver's frame, for a matvec
+    to call."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "_lanczos":
+        frame = frame.f_back
+    assert frame is not None
+    tensors = []
+    for value in frame.f_locals.values():
+        tensors.extend(getattr(value, "blocks", [value]))  # the basis: a list of blocks
+    storages = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.shape[-1:] == (dim,):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

@@ -222,6 +222,7 @@ def test_debug_shows_the_traceback(tmp_path):
         ["--optimizer", "rmsprop"],
         ["--estimators", "fd,magic"],
         ["--probe-every", "-1"],
+        ["--max-basis", "3"],  # estimators.MIN_BASIS is 4
     ],
 )
 def test_bad_options_are_usage_errors(tmp_path, options):
@@ -397,3 +398,17 @@ def test_a_failing_probe_estimator_is_one_note_and_the_run_goes_on(tmp_path, mon
     assert len(trajectory.train["step"]) == 6
     assert np.all(np.isnan(trajectory.probes["hessian_norm"]))
     assert np.all(np.isfinite(trajectory.probes["smoothness_fd"]))
+
+
+def test_a_run_says_when_its_eigen_solves_restarted(tmp_path):
+    from smoothprof.estimators import MIN_BASIS
+
+    assert MIN_BASIS == 4  # the command line's --max-basis minimum
+    out = tmp_path / "x.h5"
+    # rtol 1e-8 takes more than 4 products at every probe
+    options = ["--steps", "4", "--probe-every", "2", "--estimators", "hvp", "--rtol", "1e-8"]
+    result = invoke("run", ASSETS / "good_minimal.py", "-o", out, *options, "--max-basis", "4")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\b2 eigen-solves filled the Lanczos basis \(--max-basis 4\)", result.output)
+    unbounded = invoke("run", ASSETS / "good_minimal.py", "-o", out, *options, "--force")
+    assert unbounded.exit_code == 0 and "filled the Lanczos basis" not in unbounded.output

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import solver_storage_bytes
 
 from smoothprof.estimators import (
     MISSED_OVERLAP,
@@ -235,3 +236,164 @@ def test_lanczos_keeps_the_basis_orthogonal_where_plain_lanczos_loses_it(seed):
     assert result.eigenvalue == pytest.approx(100.0, rel=1e-3)
     plain = _plain_lanczos_basis(matrix, first, 120)
     assert (plain @ plain.T - torch.eye(120)).abs().max() > 0.1  # what reorthogonalizing prevents
+
+
+# The bounded basis (thick restart): the same certificate against the same dense references,
+# on solves that need several restarts.
+
+NEGATIVE_BESIDE_DENSE = [-50.0, *torch.linspace(0.0, 100.0, 199).tolist()]
+NEGATIVE_DOMINANT = [-100.0, 50.0, *torch.linspace(-99.8, 0.0, 198).tolist()]
+WELL_SEPARATED = [10.0, 5.0, *torch.linspace(-2.0, 2.0, 98).tolist()]
+
+
+@pytest.mark.parametrize("max_basis", [6, 10, 20])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rest", [(-5.0, 5.0), (0.0, 9.9)], ids=["rest-wide", "rest-close"])
+def test_bounded_lanczos_within_rtol_of_the_top_of_a_cluster(max_basis, dtype, rest):
+    from smoothprof.estimators import _lanczos
+
+    rtol = 1e-3
+    restarted = 0
+    for seed in range(10):
+        matrix, _, first = four_cluster(100, rest, seed, dtype)
+        exact = float(torch.linalg.eigvalsh(matrix.double()).abs().max())
+        result, basis = _lanczos(
+            matrix.matmul, first, rtol=rtol, max_matvecs=1000, max_basis=max_basis
+        )
+        assert result.converged, seed
+        assert len(basis) <= max_basis
+        slack = 0.0 if dtype == torch.float64 else 1e-6
+        assert abs(result.value - exact) <= (rtol + slack) * exact, (seed, result.value)
+        restarted += result.restarts > 0
+    assert restarted >= 5  # the bound was hit: these solves take 25 to 60 products unbounded
+
+
+@pytest.mark.parametrize("max_basis", [4, 8, 20])
+@pytest.mark.parametrize(
+    "eigenvalues, top",
+    [
+        (NEGATIVE_BESIDE_DENSE, 100.0),
+        (NEGATIVE_DOMINANT, -100.0),
+        (WELL_SEPARATED, 10.0),
+        ([-7.0, 5.0, 3.0, 1.0, 0.5, -0.1] * 10, -7.0),
+    ],
+    ids=["negative-beside-dense", "negative-dominant", "well-separated", "negative-repeated"],
+)
+def test_bounded_lanczos_against_dense_reference(max_basis, eigenvalues, top):
+    from smoothprof.estimators import _lanczos
+
+    rtol = 1e-3
+    for seed in range(3):
+        matrix = symmetric(eigenvalues, seed=seed)
+        exact = torch.linalg.eigvalsh(matrix)
+        assert float(exact[exact.abs().argmax()]) == pytest.approx(top)
+        result, basis = _lanczos(
+            matrix.matmul, start(len(eigenvalues), seed), rtol=rtol, max_matvecs=1000,
+            max_basis=max_basis,
+        )
+        assert result.converged
+        assert abs(result.eigenvalue - top) <= rtol * abs(top), (seed, result.eigenvalue)
+        assert len(basis) <= max_basis
+        if max_basis == 4:  # every one of these solves needs more (6 to 70 products unbounded)
+            assert result.restarts >= 1
+        # the residual the solver reports is the true residual of the pair it returns
+        u = result.eigenvector
+        true_residual = float(torch.linalg.vector_norm(matrix @ u - result.eigenvalue * u))
+        assert true_residual == pytest.approx(result.residual, rel=1e-3, abs=1e-9)
+        # the restarted basis stays orthonormal to working precision
+        assert (basis @ basis.T - torch.eye(len(basis), dtype=basis.dtype)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bounded_lanczos_is_the_unbounded_one_until_the_basis_is_full(seed):
+    matrix, _, first = four_cluster(100, (-5.0, 5.0), seed)
+    unbounded = lanczos_top_eigenpair(matrix.matmul, first, max_basis=None)
+    assert unbounded.restarts == 0
+    for max_basis in [unbounded.num_matvecs, unbounded.num_matvecs + 1, 100]:
+        bounded = lanczos_top_eigenpair(matrix.matmul, first, max_basis=max_basis)
+        assert bounded.restarts == 0
+        assert bounded.num_matvecs == unbounded.num_matvecs
+        assert bounded.eigenvalue == unbounded.eigenvalue
+        assert bounded.residual == unbounded.residual
+        assert torch.equal(bounded.eigenvector, unbounded.eigenvector)
+    smaller = lanczos_top_eigenpair(matrix.matmul, first, max_basis=unbounded.num_matvecs - 1)
+    assert smaller.restarts >= 1
+
+
+def test_bounded_lanczos_still_says_when_the_budget_is_too_small():
+    matrix, _, first = four_cluster(100, (0.0, 9.9), 0)
+    result = lanczos_top_eigenpair(matrix.matmul, first, max_matvecs=30, max_basis=6)
+    assert result.num_matvecs == 30 and result.restarts >= 1
+    assert not result.converged
+
+
+def test_bounded_lanczos_guarantee_when_the_start_lacks_the_top_eigenvector():
+    rtol = 1e-3
+    for seed in range(5):
+        matrix, rotation, first = four_cluster(100, (-5.0, 5.0), seed)
+        components = rotation.T @ first
+        components[0] = 0.0
+        result = lanczos_top_eigenpair(
+            matrix.matmul, rotation @ components, rtol=rtol, max_matvecs=1000, max_basis=6
+        )
+        assert result.converged and result.restarts >= 1
+        # restarts rotate within the Krylov space: the missing eigenvector stays missing
+        assert abs(float(rotation[:, 0] @ result.eigenvector)) <= MISSED_OVERLAP
+        assert result.value <= 9.99 + 1e-9
+
+
+def test_bounded_lanczos_rejects_a_basis_too_small_to_restart():
+    with pytest.raises(ValueError, match="max_basis"):
+        lanczos_top_eigenpair(lambda v: v, torch.ones(10), max_basis=3)
+
+
+@pytest.mark.parametrize("max_basis", [20, 9, None])
+def test_bounded_lanczos_holds_at_most_max_basis_vectors_and_two(max_basis):
+    from smoothprof.estimators import _lanczos
+
+    matrix, _, first = four_cluster(100, (0.0, 9.9), 0)  # 60 products unbounded
+    peak = 0
+
+    def matvec(vector):
+        nonlocal peak
+        peak = max(peak, solver_storage_bytes(100))
+        return matrix @ vector
+
+    result, _ = _lanczos(matvec, first, rtol=1e-3, max_matvecs=1000, max_basis=max_basis)
+    assert result.converged
+    vector_bytes = 100 * 8
+    if max_basis is None:  # what the bound prevents: a vector per product
+        assert peak >= result.num_matvecs * vector_bytes > 40 * vector_bytes
+    else:
+        assert result.restarts >= 1
+        # held at every product: the basis, the new vector and the start
+        assert peak <= (max_basis + 2) * vector_bytes
+
+
+def test_the_basis_grows_without_copying_up_to_its_bound():
+    from smoothprof.estimators import _BlockBasis
+
+    vectors = torch.eye(30, dtype=torch.float64)
+    basis = _BlockBasis(vectors[0], rows=20)
+    first_block = basis.blocks[0].untyped_storage().data_ptr()
+    for row in range(1, 20):
+        basis.set_row(row, vectors[row])
+    # rows 0..7 never moved: growing allocated new blocks (8, 8 and 4 rows), copied nothing
+    assert basis.blocks[0].untyped_storage().data_ptr() == first_block
+    assert [len(block) for block in basis.blocks] == [8, 8, 4]
+    assert torch.equal(basis.matrix(20), vectors[:20])
+    with pytest.raises(IndexError):
+        basis.set_row(20, vectors[20])
+
+
+def test_bounded_lanczos_rotates_the_basis_in_column_blocks(monkeypatch):
+    import smoothprof.estimators as estimators
+
+    matrix, _, first = four_cluster(100, (0.0, 9.9), 1)
+    whole = estimators.lanczos_top_eigenpair(matrix.matmul, first, max_basis=8)
+    monkeypatch.setattr(estimators, "_RESTART_BLOCK", 7)  # 15 blocks, the last of 2 columns
+    blocks = estimators.lanczos_top_eigenpair(matrix.matmul, first, max_basis=8)
+    assert whole.restarts >= 2
+    assert (blocks.num_matvecs, blocks.restarts) == (whole.num_matvecs, whole.restarts)
+    assert blocks.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-12)
+    torch.testing.assert_close(blocks.eigenvector, whole.eigenvector, rtol=0, atol=1e-10)

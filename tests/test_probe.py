@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import dense_hessian, small_models, top_eigenvalue
+from conftest import dense_hessian, small_models, solver_storage_bytes, top_eigenvalue
 from torch import nn
 
 from smoothprof import Probe, hessian_norm
@@ -754,3 +754,81 @@ def test_no_hvp_method_working_and_fd_failing_are_each_said_once(monkeypatch):
         loss_fn(model, batches[0]).backward()
         unprobed.step()
     assert all(torch.equal(a, p) for a, p in zip(probed, model.parameters()))
+
+
+@pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
+def test_hessian_norm_with_a_bounded_basis_matches_dense_hessian(name, model, loss_fn, batches):
+    exact = top_eigenvalue(dense_hessian(model, loss_fn, batches))
+    for rtol in (1e-3, 1e-8):
+        result = hessian_norm(model, loss_fn, batches, rtol=rtol, max_basis=4, max_hvps=2000)
+        assert result.converged, name
+        assert abs(result.eigenvalue - exact) <= rtol * abs(exact), name
+    assert result.restarts >= 1  # rtol 1e-8 takes more than 4 products on every model
+
+
+
+
+def _live_full_size_bytes(dim: int) -> int:
+    """Bytes of the distinct storages of every live tensor with at least ``dim`` elements."""
+    import gc
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        tensors = [value for value in gc.get_objects() if isinstance(value, torch.Tensor)]
+    for value in tensors:
+        if value.numel() >= dim:
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("max_basis", [6, 20, None])
+def test_probe_memory_is_bounded_and_does_not_grow_with_the_number_of_probes(
+    monkeypatch, max_basis
+):
+    import smoothprof.probe as probe_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    dim = sum(p.numel() for p in model.parameters())
+    batches = [(torch.randn(64, 8), torch.randint(0, 4, (64,)))]
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    peaks: list[int] = []
+    solve = probe_module.lanczos_top_eigenpair
+
+    def measured(matvec, start, **kwargs):
+        peaks.append(0)
+
+        def product(vector):
+            peaks[-1] = max(peaks[-1], solver_storage_bytes(dim))
+            return matvec(vector)
+
+        return solve(product, start, **kwargs)
+
+    monkeypatch.setattr(probe_module, "lanczos_top_eigenpair", measured)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # rtol 1e-8: every probe's solve takes more products than 20 basis vectors
+    probe = Probe(model, loss_fn, batches, every=1, estimators=("hvp",), rtol=1e-8,
+                  max_hvps=300, max_basis=max_basis)  # fmt: skip
+    live = []
+    for step in range(6):
+        with probe.around_step(step):
+            optimizer.zero_grad()
+            loss_fn(model, batches[0]).backward()
+            optimizer.step()
+        live.append(_live_full_size_bytes(dim))
+    hvps = [record.hvp_count for record in probe.records]
+    assert all(record.hessian_converged for record in probe.records)
+    itemsize = 4  # float32
+    if max_basis is None:
+        # what the bound prevents: the basis holds one vector per product
+        assert max(peaks) >= max(hvps) * dim * itemsize > 22 * dim * itemsize
+        return
+    assert probe.restarted_solves == len(probe.records) == 6
+    assert min(hvps) > max_basis
+    # the basis, the last new vector and the start (the probe's warm start), never more
+    assert max(peaks) <= (max_basis + 2) * dim * itemsize
+    # and nothing accumulates between probes: the same bytes live after the second as the last
+    assert live[1:] == [live[1]] * 5, live
