@@ -523,8 +523,7 @@ def _acting_clip(probes: list[Any]) -> float | None:
             fit = fit_envelope(grad_norms, values, num_bootstrap=0)
         except FitError:
             return None
-        floor = fit.L0 if fit.L0 > 0 else fit.L1 * fit.G_min
-        return acting_clip(fit, floor)[0] if math.isfinite(floor) else None
+        return acting_clip(fit)[0]
     return None
 
 

@@ -404,9 +404,11 @@ def _searched_headline(
 def acting_clip(fit: EnvelopeFit, L0: float | None = None) -> tuple[float | None, str]:
     """c = L0/L1 when that clip would act: the smoothness grows with the gradient norm (Spearman
     log-log above ``WEAK_CORRELATION``) and c lies below the largest measured gradient norm;
-    else None. With why, in words. ``L0`` replaces the fitted one (the floor of a zero L0)."""
-    L0 = fit.L0 if L0 is None else L0
-    if not (fit.L1 > 0 and L0 > 0):
+    else None. With why, in words. ``L0`` replaces the fitted one; by default a zero L0 is
+    replaced by its floor L1·G_min."""
+    if L0 is None:  # the floor of a zero L0, as the rules use it (module docstring)
+        L0 = fit.L0 if fit.L0 > 0 else fit.L1 * fit.G_min
+    if not (fit.L1 > 0 and math.isfinite(L0) and L0 > 0):
         return None, "no clip: the envelope has no c = L0/L1"
     c = L0 / fit.L1
     if not fit.spearman_log > WEAK_CORRELATION:

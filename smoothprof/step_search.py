@@ -21,7 +21,7 @@ file without torch); ``search_step_size`` runs the trials.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,13 +74,7 @@ class StepSizeSearch:
     @property
     def best(self) -> Trial | None:
         """The stable trial with the lowest loss at its end (the smaller lr on a tie)."""
-        stable = [t for t in self.trials if t.stable]
-        return min(stable, key=lambda t: (t.loss_end, t.lr)) if stable else None
-
-    @property
-    def largest_stable(self) -> Trial | None:
-        stable = [t for t in self.trials if t.stable]
-        return max(stable, key=lambda t: t.lr) if stable else None
+        return best_trial(self.trials)
 
     @property
     def first_unstable(self) -> Trial | None:
@@ -192,12 +186,15 @@ def run_trials(
     return trials
 
 
-def _best_is_smallest(trials: list[Trial]) -> bool:
+def best_trial(trials: Sequence[Trial]) -> Trial | None:
+    """The stable trial with the lowest loss at its end (the smaller lr on a tie)."""
     stable = [t for t in trials if t.stable]
-    if not stable:
-        return False
-    best = min(stable, key=lambda t: (t.loss_end, t.lr))
-    return best.lr == min(t.lr for t in trials)
+    return min(stable, key=lambda t: (t.loss_end, t.lr)) if stable else None
+
+
+def _best_is_smallest(trials: list[Trial]) -> bool:
+    best = best_trial(trials)
+    return best is not None and best.lr == min(t.lr for t in trials)
 
 
 def search_step_size(
@@ -230,14 +227,11 @@ def search_step_size(
     from .objective import trainable_parameters
     from .probe import unchanged_model_state
     from .train import (
-        accumulate_gradients,
         cycle_batches,
-        gradient_norm,
         make_grad_scaler,
         make_optimizer,
-        optimizer_step,
         seed_everything,
-        step_scheduler,
+        training_step,
     )
 
     config, model_file = run.config, run.model_file
@@ -295,16 +289,9 @@ def search_step_size(
         start = probe_loss(model)  # leaves the random state as the run had it here
         batches = cycle_batches(model_file, trial_run.loader)
         for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(trial_run, model, batches)
-            if trial_run.scaler is not None:
-                trial_run.scaler.unscale_(optimizer)
-            norm = gradient_norm(parameters, clip)
-            if not math.isfinite(loss) or (trial_run.scaler is None and not math.isfinite(norm)):
+            _, _, _, finite, _ = training_step(trial_run, model, parameters, batches, clip)
+            if not finite:
                 return Trial(lr, start, math.inf, diverged_at=step)
-            skipped = optimizer_step(trial_run)
-            if scheduler is not None and not skipped:
-                step_scheduler(model_file, scheduler, loss)
         end = probe_loss(model)
         return Trial(lr, start, end if math.isfinite(end) else math.inf)
 

@@ -714,20 +714,9 @@ def train(
         probed = probe.is_due(step)
         if probed:  # outside autocast: the probe measures the model's own dtype
             probe.before_step(step)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(run, train_model, batches)
-        if run.comm is not None:  # the global minibatch loss: the mean over the ranks
-            loss = run.comm.sum_floats(loss)[0] / run.comm.world_size
-        if run.scaler is not None:
-            run.scaler.unscale_(run.optimizer)  # the norm and the clip of the true gradient
-        norm = gradient_norm(parameters, config.clip)  # DDP averaged the gradients: global
-        lr = run.optimizer.param_groups[0]["lr"]  # the lr of this step, before the schedule moves
-        finite = math.isfinite(loss) and (math.isfinite(norm) or run.scaler is not None)
-        skipped = False
-        if finite:
-            skipped = optimizer_step(run)
-            if run.scheduler is not None and not skipped:
-                step_scheduler(model_file, run.scheduler, loss)
+        loss, norm, lr, finite, skipped = training_step(
+            run, train_model, parameters, batches, config.clip
+        )
         record = probe.after_step(update_made=finite and not skipped) if probed else None
         row = {
             "step": step,
@@ -758,7 +747,36 @@ def train(
     return result
 
 
-def accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batches: Any) -> float:
+def training_step(
+    run: PreparedRun,
+    train_model: torch.nn.Module,
+    parameters: list[torch.Tensor],
+    batches: Any,
+    clip: float | None,
+) -> tuple[float, float, float, bool, bool]:
+    """One optimizer step of ``run``: the gradients of ``config.accumulate`` batches, clipped at
+    ``clip``, the optimizer's step and one of the file's scheduler. Returns the loss (the mean
+    over the ranks), the gradient norm before clipping, the step's lr (before the schedule
+    moves), whether loss and gradient are finite (no step is taken otherwise; under ``--amp
+    fp16`` a non-finite gradient is the GradScaler's to skip) and whether the scaler skipped."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = _accumulate_gradients(run, train_model, batches)
+    if run.comm is not None:  # the global minibatch loss: the mean over the ranks
+        loss = run.comm.sum_floats(loss)[0] / run.comm.world_size
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # the norm and the clip of the true gradient
+    norm = gradient_norm(parameters, clip)  # DDP averaged the gradients: global
+    lr = run.optimizer.param_groups[0]["lr"]
+    finite = math.isfinite(loss) and (math.isfinite(norm) or run.scaler is not None)
+    skipped = False
+    if finite:
+        skipped = _optimizer_step(run)
+        if run.scheduler is not None and not skipped:
+            step_scheduler(run.model_file, run.scheduler, loss)
+    return loss, norm, lr, finite, skipped
+
+
+def _accumulate_gradients(run: PreparedRun, train_model: torch.nn.Module, batches: Any) -> float:
     """The gradients of ``config.accumulate`` batches, added up in ``.grad`` (each loss divided
     by their number, and scaled under ``--amp fp16``); returns the mean of their losses.
 
@@ -791,7 +809,7 @@ def _backward_scaling(run: PreparedRun) -> Callable[[torch.Tensor], torch.Tensor
     return scaled
 
 
-def optimizer_step(run: PreparedRun) -> bool:
+def _optimizer_step(run: PreparedRun) -> bool:
     """Step the optimizer (through the GradScaler under ``--amp fp16``); True when the scaler
     skipped the step because the gradient overflowed (then the parameters did not move)."""
     if run.scaler is None:
