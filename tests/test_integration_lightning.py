@@ -188,12 +188,12 @@ def test_options_that_cannot_work_are_errors(tmp_path):
         fit(tmp_path, [callback], max_steps=2)
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Lightning", 1)[1]
+def test_the_documented_example_runs(tmp_path, monkeypatch):
+    doc = (REPO / "docs" / "trainers.md").read_text()
+    section = doc.split("## Lightning", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    exec(compile(code, "docs/trainers.md", "exec"), {"__name__": "example"})
     trajectory = read_trajectory(tmp_path / "lightning.h5")
     assert trajectory.num_probes > 3 and math.isfinite(trajectory.probes["hessian_norm"][-1])
 
