@@ -220,8 +220,14 @@ def train_arm(
 
 
 def held_out_loss(model_file: ModelFile, model: torch.nn.Module, batches: Batches) -> float:
-    with torch.no_grad():
-        values = [float(model_file.call_loss(model, b)) for b in batches.held_out]
+    """The mean loss over the held-out batches, in eval mode (no dropout, batch norm from its
+    running statistics), as a model is evaluated; the model is left in train mode."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            values = [float(model_file.call_loss(model, b)) for b in batches.held_out]
+    finally:
+        model.train()
     value = statistics.fmean(values)
     return value if math.isfinite(value) else math.inf
 
