@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import statistics
@@ -36,7 +37,8 @@ from smoothprof.train import seed_everything
 
 GRID = tuple(2.0**k / 64 for k in range(12))
 PROBE_BATCHES = 4
-SHARES = (0.1, 0.25, 0.5, 1.0)
+SHARES = (0.1, 0.25, 0.5, 1.0)  # the horizons printed
+RECORDED = tuple(k / 20 for k in range(1, 21))  # the horizons kept in --json
 
 
 def train_on_grid(name: str, seed: int, steps: int) -> list[dict]:
@@ -45,7 +47,7 @@ def train_on_grid(name: str, seed: int, steps: int) -> list[dict]:
     model_file = load_model_file(MODELS[name])
     batches = split_batches(model_file, seed)
     probe = batches.train[:PROBE_BATCHES]
-    horizons = {max(1, round(share * steps)) for share in SHARES}
+    horizons = {max(1, round(share * steps)) for share in SHARES + RECORDED}
     runs = []
     for lr in GRID:
         seed_everything(seed)
@@ -55,6 +57,7 @@ def train_on_grid(name: str, seed: int, steps: int) -> list[dict]:
         optimizer = torch.optim.SGD(parameters, lr=lr)
         batch_cycle = itertools.cycle(batches.train)
         training = {h: math.inf for h in horizons}
+        start = probe_loss(model_file, model, probe, seed)
         held_out = math.inf
         for step in range(1, steps + 1):
             optimizer.zero_grad(set_to_none=True)
@@ -69,7 +72,7 @@ def train_on_grid(name: str, seed: int, steps: int) -> list[dict]:
                 training[step] = value if math.isfinite(value) else math.inf
             if step == steps:
                 held_out = held_out_loss(model_file, model, batches)
-        runs.append({"lr": lr, "training": training, "held_out": held_out})
+        runs.append({"lr": lr, "start": start, "training": training, "held_out": held_out})
     return runs
 
 
@@ -91,7 +94,7 @@ def summarize(name: str, by_seed: dict[int, list[dict]], steps: int) -> list[str
         values = [runs[index]["held_out"] for runs in by_seed.values()]
         cells = " ".join(f"{v:8.4g}" for v in values)
         lines.append(f"  lr {lr:8.4g}: {cells}   median {statistics.median(values):.4g}")
-    horizons = sorted(next(iter(by_seed.values()))[0]["training"])
+    horizons = sorted({max(1, round(share * steps)) for share in SHARES})
     for h in horizons:
         chosen = [min(runs, key=lambda r, h=h: r["training"][h]) for runs in by_seed.values()]
         picks = ", ".join(f"{r['lr']:g}: {r['held_out']:.4g}" for r in chosen)
@@ -109,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp_spirals,resnet_digits")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--json", type=Path, help="write every run's figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    everything = {}
     for name in args.models.split(","):
-        by_seed = {}
+        by_seed = everything[name] = {}
         for seed in (int(s) for s in args.seeds.split(",")):
             print(f"{name} seed {seed} ...", file=sys.stderr, flush=True)
             by_seed[seed] = train_on_grid(name, seed, args.steps)
         print("\n".join(summarize(name, by_seed, args.steps)), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(everything))
     return 0
 
 

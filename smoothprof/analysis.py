@@ -325,7 +325,7 @@ def _with_search_advice(
     return (
         f"{message}. The run stopped at step {max(done)} of {max(s for s in steps if s)}, but "
         f"its step-size search found lr {best.lr:.3g} to train (loss {best.loss_start:.4g} -> "
-        f"{best.loss_end:.4g} in {search.trial_steps} steps): profile at it, "
+        f"{best.loss_end:.4g} in {search.best_steps} steps): profile at it, "
         f"`smoothprof run MODEL.py --lr {best.lr:.3g}`"
     )
 

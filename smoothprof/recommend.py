@@ -238,7 +238,8 @@ def recommend(
     if searched is not None:
         measured = searched
         best = searched.step_size  # the best trial and its stable neighbours, to confirm it
-        sweep_lrs = tuple(t.lr for t in search.trials if t.stable and best / 2 <= t.lr <= 2 * best)
+        tried = sorted({t.lr for t in (*search.trials, *search.confirmations) if t.stable})
+        sweep_lrs = tuple(lr for lr in tried if best / 2 <= lr <= 2 * best)
     elif L1 > 0 and L0_used is not None:
         measured, anchor = _measured_headline(
             L0_used / L1, profile, fixed_step_observed, warnings, G_max=G_max, L_max=L_max
@@ -363,6 +364,15 @@ def _searched_headline(
     """The step of the search's best trial, clipped at c = L0/L1 where that clip acts (None
     when no trial trained; a warning says what to run)."""
     best = search.best
+    short = search.best_of_short_trials
+    if best is None and short is not None:  # trained in short trials, not over longer ones
+        tried = ", ".join(f"{t.lr:.3g}" for t in search.confirmations)
+        warnings.append(
+            f"the step-size search's best short trial, lr {short.lr:.3g}, trained in "
+            f"{search.trial_steps} steps, but none of its confirming trials (lr {tried}) did "
+            f"over {search.confirm_steps} steps: profile again with a smaller --lr."
+        )
+        return None
     if best is None:
         first = search.trials[0] if search.trials else None
         smallest = f" (the smallest, lr {first.lr:.3g}, did not train either)" if first else ""
@@ -385,7 +395,7 @@ def _searched_headline(
     if progress < SMALL_PROGRESS:
         warnings.append(
             f"the best trial of the step-size search lowered the loss by {progress:.1%} in its "
-            f"{search.trial_steps} steps: too little to tell the steps apart (a plateau); "
+            f"{search.best_steps} steps: too little to tell the steps apart (a plateau); "
             "profile with more --steps (a trial is a tenth of them) or sweep the lr."
         )
     return Recommendation(
@@ -396,8 +406,28 @@ def _searched_headline(
         source=_SOURCE_SEARCH,
         assumptions="the best of short trials from the initialization trains best over the run; "
         "an empirical rule, no guarantee",
-        note=f"the best of {plural(len(search.trials), 'trial')} of {search.trial_steps} steps "
-        f"(loss {best.loss_start:.4g} -> {best.loss_end:.4g}); {why}.",
+        note=f"{_chosen_among(search)} (loss {best.loss_start:.4g} -> {best.loss_end:.4g}); {why}.",
+    )
+
+
+def _chosen_among(search: StepSizeSearch) -> str:
+    """Which trials the recommended one is the best of, in words."""
+    short = f"{plural(len(search.trials), 'trial')} of {search.trial_steps} steps"
+    if not search.confirmations:
+        return f"the best of {short}"
+    return (
+        f"the best of {plural(len(search.confirmations), 'confirming trial')} of "
+        f"{search.confirm_steps} steps around the best of {short}"
+    )
+
+
+def _confirmed(search: StepSizeSearch) -> str:
+    short = search.best_of_short_trials
+    if not search.confirmations or short is None:
+        return ""
+    return (
+        f"; the short trials' best, lr {short.lr:.3g}, was confirmed at half, once and twice its "
+        "step over a quarter of the run, as a short trial favours a long step"
     )
 
 
@@ -413,8 +443,7 @@ def acting_clip(fit: EnvelopeFit, L0: float | None = None) -> tuple[float | None
     c = L0 / fit.L1
     if not fit.spearman_log > WEAK_CORRELATION:
         return None, (
-            f"no clip: c = L0/L1 = {c:.3g}, but the smoothness does not grow with the gradient "
-            "norm"
+            f"no clip: c = L0/L1 = {c:.3g}, but the smoothness does not grow with the gradient norm"
         )
     if c >= fit.G_max:
         return None, (
@@ -444,20 +473,19 @@ def _searched_explanation(
         else "unclipped"
     )
     return (
-        f"Headline: {with_lr}, {clip}. The step is measured: the best of "
-        f"{plural(len(search.trials), 'trial')} of {search.trial_steps} steps from the "
+        f"Headline: {with_lr}, {clip}. The step is measured: {_chosen_among(search)} from the "
         f"initialization, at lr doubling from a quarter of {search.stability_step:.3g} "
-        f"({search.base}){above}. 2/λ0 is the step above which gradient descent on the initial "
-        "quadratic model is unstable (linear stability; Cohen et al. 2021 [secondary]); networks "
-        "often train above it (non-quadratic losses, catapults, the edge of stability), by how "
-        "much only trials tell. A clip c = L0/L1 is where the envelope's two terms are equal: "
-        "above it the smoothness grows with the gradient norm and clipping caps the step (Zhang "
-        "et al. 2020); the trials clip where the headline does. Against an LR range test and "
-        "adaptive clipping: "
-        "docs/practice.md. The theorems' rules below are worst-case guarantees: safe lower "
-        f"bounds, not tuned values. The predicted speedup of clipped over fixed-step GD, "
-        f"{_format(speedup)}, is a ratio of worst-case bounds (about L_max/L0, Zhang et al. "
-        "2020, Theorems 3 and 4), not a promise of wall-clock speed."
+        f"({search.base}){above}{_confirmed(search)}. 2/λ0 is the step above which gradient "
+        "descent on the initial quadratic model is unstable (linear stability; Cohen et al. "
+        "2021 [secondary]); networks often train above it (non-quadratic losses, catapults, "
+        "the edge of stability), by how much only trials tell. A clip c = L0/L1 is where the "
+        "envelope's two terms are equal: above it the smoothness grows with the gradient norm "
+        "and clipping caps the step (Zhang et al. 2020); the trials clip where the headline "
+        "does. Against an LR range test and adaptive clipping: docs/practice.md. The theorems' "
+        "rules below are worst-case guarantees: safe lower bounds, not tuned values. The "
+        f"predicted speedup of clipped over fixed-step GD, {_format(speedup)}, is a ratio of "
+        "worst-case bounds (about L_max/L0, Zhang et al. 2020, Theorems 3 and 4), not a promise "
+        "of wall-clock speed."
     )
 
 

@@ -12,7 +12,16 @@ on the model: on the models of benchmarks/vs_practice.py the best fixed step lay
 and 8 times 2/λ0. No formula in λ0 predicts it, so the search measures it: trials of
 ``trial_steps`` optimizer steps at lr = 2/λ0 · 2^k for k = -2, -1, 0, 1, ..., each from the same
 initialization and the same batches as the run, until a trial diverges or ends no lower than it
-began; the recommended step is the trial with the lowest loss on the probe batches at its end.
+began.
+
+A short trial favours a long step: the step that lowers the loss most in a tenth of the run is
+often not the one that ends lowest after all of it (on the benchmark models of
+benchmarks/lr_grid.py, choosing by the loss after a tenth of the run ended 10% to 30% above
+choosing by the loss after a quarter). So the best short trial is confirmed: trials of a quarter
+of the run's steps at half, once and twice its step (``CONFIRM_FACTORS``; the twice because an
+early loss spike can be a catapult that a longer trial recovers from, Lewkowycz et al. 2020), and
+the recommended step is the confirming trial with the lowest loss on the probe batches at its
+end. Runs too short for a confirming trial longer than a short one skip it.
 
 The data classes and the choice are pure (``smoothprof fit`` reads them from the trajectory
 file without torch); ``search_step_size`` runs the trials.
@@ -33,6 +42,8 @@ MAX_TRIALS = 30  # a bound only: a search ends where the trials stop training or
 PAST_SHARE = 0.5  # a trial that keeps less than half the best trial's progress is past the best
 MIN_TRIAL_STEPS = 20
 TRIAL_SHARE = 0.1  # a trial is a tenth of the run's steps (at least MIN_TRIAL_STEPS)
+CONFIRM_SHARE = 0.25  # a confirming trial is a quarter of the run's steps
+CONFIRM_FACTORS = (0.5, 1.0, 2.0)  # the confirming trials' steps, times the best short trial's
 ATTRIBUTE = "step_size_search"  # the trajectory file's attribute holding the search
 
 
@@ -49,8 +60,10 @@ class Trial:
     @property
     def stable(self) -> bool:
         """Trained: did not diverge and ended below where it began."""
-        return self.diverged_at is None and math.isfinite(self.loss_end) and (
-            self.loss_end < self.loss_start
+        return (
+            self.diverged_at is None
+            and math.isfinite(self.loss_end)
+            and (self.loss_end < self.loss_start)
         )
 
 
@@ -61,7 +74,8 @@ class StepSizeSearch:
     ``stability_step`` is the step the grid doubles from (its first trial is a quarter of it):
     (2 + 2 momentum)/λ0 for (momentum) SGD with λ0 the Hessian norm of the first probe, or the
     run's own lr (``base`` says which). ``clip``: the threshold every trial clipped at (the run's
-    own, or c = L0/L1 of its probes; None: unclipped).
+    own, or c = L0/L1 of its probes; None: unclipped). ``confirmations``: the trials of
+    ``confirm_steps`` steps around the best short trial (none when the run was too short).
     """
 
     trial_steps: int
@@ -70,11 +84,26 @@ class StepSizeSearch:
     trials: tuple[Trial, ...]
     clip: float | None = None
     optimizer: str | None = None
+    confirm_steps: int | None = None
+    confirmations: tuple[Trial, ...] = ()
 
     @property
     def best(self) -> Trial | None:
-        """The stable trial with the lowest loss at its end (the smaller lr on a tie)."""
+        """The recommended trial: the stable confirming trial with the lowest loss at its end,
+        or, without confirming trials, the stable short trial with the lowest (the smaller lr
+        on a tie); None when none trained."""
+        return best_trial(self.confirmations if self.confirmations else self.trials)
+
+    @property
+    def best_of_short_trials(self) -> Trial | None:
         return best_trial(self.trials)
+
+    @property
+    def best_steps(self) -> int:
+        """The length of the trials the recommended one is among."""
+        return (
+            self.confirm_steps if self.confirmations and self.confirm_steps else (self.trial_steps)
+        )
 
     @property
     def first_unstable(self) -> Trial | None:
@@ -84,9 +113,11 @@ class StepSizeSearch:
     @property
     def total_steps(self) -> int:
         """The optimizer steps the trials took, counting a diverged trial's up to its stop."""
-        return sum(
-            self.trial_steps if t.diverged_at is None else t.diverged_at + 1 for t in self.trials
-        )
+
+        def steps(trials: Sequence[Trial], length: int | None) -> int:
+            return sum(length or 0 if t.diverged_at is None else t.diverged_at + 1 for t in trials)
+
+        return steps(self.trials, self.trial_steps) + steps(self.confirmations, self.confirm_steps)
 
     def summary(self) -> str:
         """One line for the run's closing summary."""
@@ -98,30 +129,46 @@ class StepSizeSearch:
             f"initialization, lr {min(lrs):.3g} to {max(lrs):.3g} (doubling from a quarter of "
             f"{self.stability_step:.3g}, {self.base})"
         )
+        short = self.best_of_short_trials
+        if short is None:
+            return text + "; none trained: profile at a smaller lr"
+        text += f"; best lr {short.lr:.3g} (loss {short.loss_start:.4g} -> {short.loss_end:.4g})"
+        if not self.confirmations:
+            return text
+        tried = ", ".join(f"{t.lr:.3g}" for t in self.confirmations)
         best = self.best
         if best is None:
-            return text + "; none trained: profile at a smaller lr"
-        return text + f"; best lr {best.lr:.3g} (loss {best.loss_start:.4g} -> {best.loss_end:.4g})"
+            return text + f"; over {self.confirm_steps} steps none of lr {tried} trained"
+        return text + (
+            f"; over {self.confirm_steps} steps (lr {tried}) lr {best.lr:.3g} ends lowest "
+            f"({best.loss_start:.4g} -> {best.loss_end:.4g})"
+        )
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["trials"] = [asdict(t) for t in self.trials]
+        data["confirmations"] = [asdict(t) for t in self.confirmations]
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepSizeSearch:
         """The search as ``as_json`` wrote it; ValueError when it is not one."""
-        try:
-            trials = tuple(
+
+        def trials_of(items: Sequence[Mapping[str, Any]]) -> tuple[Trial, ...]:
+            return tuple(
                 Trial(
                     lr=float(t["lr"]),
                     loss_start=float(t["loss_start"]),
                     loss_end=float(t["loss_end"]),
                     diverged_at=None if t.get("diverged_at") is None else int(t["diverged_at"]),
                 )
-                for t in data["trials"]
+                for t in items
             )
+
+        try:
+            trials = trials_of(data["trials"])
             clip = data.get("clip")
+            confirm_steps = data.get("confirm_steps")
             return cls(
                 trial_steps=int(data["trial_steps"]),
                 stability_step=float(data["stability_step"]),
@@ -129,6 +176,8 @@ class StepSizeSearch:
                 trials=trials,
                 clip=None if clip is None else float(clip),
                 optimizer=data.get("optimizer"),
+                confirm_steps=None if confirm_steps is None else int(confirm_steps),
+                confirmations=trials_of(data.get("confirmations", ())),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a step-size search: {error}") from None
@@ -137,6 +186,18 @@ class StepSizeSearch:
 def trial_steps_for(num_steps: int) -> int:
     """A trial's length for a run of ``num_steps``: a tenth of it, at least 20 steps."""
     return max(MIN_TRIAL_STEPS, int(num_steps * TRIAL_SHARE))
+
+
+def confirm_steps_for(num_steps: int) -> int | None:
+    """A confirming trial's length for a run of ``num_steps``: a quarter of it; None when that
+    is no longer than a short trial (a run of fewer than 80 steps)."""
+    steps = int(num_steps * CONFIRM_SHARE)
+    return steps if steps > trial_steps_for(num_steps) else None
+
+
+def confirm_trials(best: Trial, trial: Callable[[float], Trial]) -> list[Trial]:
+    """The confirming trials around the best short trial, in the order of their lr."""
+    return [trial(best.lr * factor) for factor in CONFIRM_FACTORS]
 
 
 def stability_step(
@@ -261,7 +322,7 @@ def search_step_size(
                 values.append(float(model_file.call_loss(model, batch)))
         return math.fsum(values) / len(values)
 
-    def trial(lr: float) -> Trial:
+    def trial(lr: float, length: int = steps) -> Trial:
         seed_everything(config.seed)
         model = instantiate_model(model_file).to(run.device)
         model.train()
@@ -288,18 +349,26 @@ def search_step_size(
         )
         start = probe_loss(model)  # leaves the random state as the run had it here
         batches = cycle_batches(model_file, trial_run.loader)
-        for step in range(steps):
+        for step in range(length):
             _, _, _, finite, _ = training_step(trial_run, model, parameters, batches, clip)
             if not finite:
                 return Trial(lr, start, math.inf, diverged_at=step)
         end = probe_loss(model)
         return Trial(lr, start, end if math.isfinite(end) else math.inf)
 
+    trials = run_trials(stable, trial)
+    confirm_steps = confirm_steps_for(config.steps)
+    short_best = best_trial(trials)
+    confirmations = []
+    if confirm_steps is not None and short_best is not None:
+        confirmations = confirm_trials(short_best, lambda lr: trial(lr, confirm_steps))
     return StepSizeSearch(
         trial_steps=steps,
         stability_step=stable,
         base=base,
-        trials=tuple(run_trials(stable, trial)),
+        trials=tuple(trials),
         clip=clip,
         optimizer=name,
+        confirm_steps=confirm_steps if confirmations else None,
+        confirmations=tuple(confirmations),
     )

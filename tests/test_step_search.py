@@ -16,6 +16,9 @@ from smoothprof.step_search import (
     ATTRIBUTE,
     StepSizeSearch,
     Trial,
+    best_trial,
+    confirm_steps_for,
+    confirm_trials,
     run_trials,
     search_step_size,
     stability_step,
@@ -91,6 +94,47 @@ def test_trials_double_until_one_does_not_train_and_the_lowest_end_wins():
     # Past the best: a trial that keeps less than half the best trial's progress ends it.
     past = {0.25: 2.0, 0.5: 1.0, 1.0: 2.1, 2.0: 0.1}
     assert [t.lr for t in run_trials(1.0, lambda lr: Trial(lr, 3.0, past[lr]))] == [0.25, 0.5, 1.0]
+
+
+def test_the_best_short_trial_is_confirmed_over_a_quarter_of_the_run():
+    """A short trial favours a long step: the confirming trials, at half, once and twice the
+    best short trial's step over a quarter of the run, choose; their steps count in the cost."""
+    assert [confirm_steps_for(n) for n in (10, 80, 84, 300, 500)] == [None, None, 21, 75, 125]
+    ends = {0.25: 2.0, 0.5: 1.0, 1.0: 0.5, 2.0: 4.0}
+    short = tuple(Trial(lr, 3.0, end) for lr, end in ends.items())
+    longer = {0.5: 0.2, 1.0: 0.3, 2.0: math.inf}
+    seen = []
+
+    def trial(lr):
+        seen.append(lr)
+        diverged = None if math.isfinite(longer[lr]) else 7
+        return Trial(lr, 3.0, longer[lr], diverged_at=diverged)
+
+    confirmations = confirm_trials(best_trial(short), trial)
+    assert seen == [0.5, 1.0, 2.0]
+    search = StepSizeSearch(50, 1.0, "2/λ0", short, confirm_steps=125,
+                            confirmations=tuple(confirmations))  # fmt: skip
+    assert search.best_of_short_trials.lr == 1.0
+    assert search.best.lr == 0.5 and search.best_steps == 125
+    assert search.total_steps == 4 * 50 + 2 * 125 + 8
+    assert "over 125 steps (lr 0.5, 1, 2) lr 0.5 ends lowest" in search.summary()
+    assert StepSizeSearch.from_json(json.loads(json.dumps(search.as_json()))) == search
+    # A file written before the confirming trials reads as a search without them.
+    old = {k: v for k, v in search.as_json().items() if k not in ("confirmations", "confirm_steps")}
+    assert StepSizeSearch.from_json(old).best.lr == 1.0
+    # The headline takes the confirmed step; its sweep includes every step that trained nearby.
+    advice = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1), search=search)
+    assert advice.headline.step_size == 0.5
+    assert "the best of 3 confirming trials of 125 steps around the best of 4 trials" in (
+        advice.headline.note
+    )
+    assert advice.sweep_lrs == (0.25, 0.5, 1.0)
+    # Short trials that trained, confirming trials that did not: no headline step, and why.
+    failed = tuple(Trial(t.lr, 3.0, math.inf, diverged_at=3) for t in confirmations)
+    nothing = StepSizeSearch(50, 1.0, "2/λ0", short, confirm_steps=125, confirmations=failed)
+    advice = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1), search=nothing)
+    assert nothing.best is None and advice.headline.rule != "searched-step"
+    assert any("none of its confirming trials (lr 0.5, 1, 2) did" in w for w in advice.warnings)
 
 
 def test_a_search_survives_its_json_with_infinities():
