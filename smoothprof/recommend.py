@@ -396,7 +396,8 @@ def _searched_headline(
         warnings.append(
             f"the best trial of the step-size search lowered the loss by {progress:.1%} in its "
             f"{search.best_steps} steps: too little to tell the steps apart (a plateau); "
-            "profile with more --steps (a trial is a tenth of them) or sweep the lr."
+            "profile with more --steps (the trials are a tenth and a quarter of them) or sweep "
+            "the lr."
         )
     return Recommendation(
         rule="searched-step",
