@@ -3,37 +3,42 @@
     python benchmarks/probe_memory.py [--quick] [--markdown] [--tables memory,bytes,cost]
 
 On the byte-level transformer language model of ``benchmarks/models/transformer_lm_25m.py``
-(25.5M parameters) and its family at 0.5M, 3.3M and 10.8M (``build(width, layers)``):
+(25.5M parameters) and its family at 0.5M, 3.3M and 10.8M (``build(width, layers)``), batches
+of 8 sequences of 128 bytes:
 
 1. Memory (``memory``): the peak resident set size (VmHWM) of one training step and of one
    probe, each configuration in a process of its own (``--child``), on the 25.5M model (3.3M
    with ``--quick``). The process first sets glibc's mmap threshold to 64 KiB (``mallopt``), so
    that every tensor of a model's size lives in its own mapping and is returned to the system
    when freed: the RSS then follows the tensors' lifetimes instead of the allocator's caches.
-   Each process builds the model and its optimizer, takes one training step (so that gradients
-   and the optimizer's state exist, as in a run), then measures, resetting the high-water mark
-   before each (``/proc/self/clear_refs``): a training step; a probe as ``smoothprof run`` takes
-   it (``Probe.before_step``: loss, gradient, curvature, top eigenpair; the step in between;
-   ``after_step``: the finite difference), on one probe batch of the training's size. The
-   eigen-solve is made to fill its basis and restart once (``rtol`` 1e-12, ``max_basis`` + 1
-   products): the most a solve of that bound holds. "runtime" is the RSS of the same process
-   after importing torch and smoothprof, before the model exists; "over runtime" columns
-   subtract it (closer to what ``torch.cuda.max_memory_allocated`` counts on a GPU). "estimate"
-   is ``smoothprof.memory``'s count of the same probe, as a run makes it before training.
-   A last row of the table compares converged solves (rtol 1e-3) with the default basis and
-   the smallest: the eigenvalue, HVPs and whether each is certified.
-2. Bytes (``bytes``): counted, not timed: per model of the family, the bytes one vector of the
-   model's size holds, those one batch's training activations and the probe's double-backward
-   graph hold (``objective.saved_bytes``), and these per token; and, measured at two sequence
-   lengths, the graph's bytes per token and layer as ``a * width + b * heads * length``.
-3. Cost (``cost``): per model of the family, one gradient and one HVP (the retained graph) on
-   one batch, timed in interleaved rounds (the median of the rounds' ratios), and a run's warm
-   probe (SGD, a probe at step 0 and one at step 3 at the run's defaults: estimators fd, hvp
-   and curvature, rtol 1e-3), in gradients: its wall time over one gradient's, and its HVPs;
-   and the finite-difference HVP's relative error along the probe's top eigenvector.
+   It builds the model and its optimizer, takes one training step (so that gradients and the
+   optimizer's state exist, as in a run), then measures, resetting the high-water mark before
+   each (``/proc/self/clear_refs``): a training step ("training step"); a probe as ``smoothprof
+   run`` takes it ("probe": the larger of ``Probe.before_step``, the loss, gradient, curvature
+   and top eigenpair, and ``after_step``, the finite difference along the update, on one probe
+   batch); and the training step between them, while the probe holds its gradient and the
+   point to difference from ("probed step"). The eigen-solve either fills its basis and
+   restarts once (``rtol`` 1e-12, ``max_basis`` + 1 products: the most a solve with that bound
+   holds) or runs to rtol 1e-3, the run's default (its eigenvalue, HVPs and certificate).
+   "other" is what the process holds besides the model's tensors (the Python and torch runtime,
+   the data, kernels' caches): its RSS before the measured step less the parameters, gradients
+   and optimizer state. "tensors only" is the probe's peak over the step's with "other" taken
+   off both: what ``torch.cuda.max_memory_allocated`` would compare on a GPU. "estimate" is
+   ``smoothprof.memory``'s count of the step and of the probe (plus "other"), as a run makes it
+   before training.
+2. Bytes (``bytes``): counted, not timed, per model: one vector of the model's size, one batch's
+   training activations and the probe's double-backward graph (``objective.
+   saved_activation_bytes`` and ``saved_graph_bytes``), and these per token; and the graph per
+   token and layer fitted as ``a * width + b * heads * length`` from two sequence lengths.
+3. Cost (``cost``): per model, one gradient and one HVP on one batch (the retained graph, and
+   the graph rebuilt per product), timed in 3 interleaved rounds (the median of the rounds'
+   ratios); a run's probes (SGD at lr 0.1, probes at steps 0 and 3 at the run's defaults:
+   estimators fd, hvp and curvature, rtol 1e-3, a basis of 20): the cold and the warm one, their
+   HVPs (the solve's and the curvature's) and wall time in gradients; and the finite-difference
+   HVP's relative error ||FD(u) - H u|| / ||H u|| along the probe's last eigenvector u.
 
-Timings are ratios measured in one process; memory is counted or read from the kernel, which
-other processes running on the machine do not change.
+Timings are ratios measured in one process; memory is counted, or read from the kernel for
+this process alone, which other processes running on the machine do not change.
 """
 
 from __future__ import annotations
@@ -167,26 +172,29 @@ def run_child(options: dict) -> dict:
 
 
 MEMORY_CONFIGS = (
-    # (optimizer, HVP method, max_basis): the run's defaults, a smaller basis, the leanest exact
-    # probe (the graph rebuilt for every product, the smallest basis), the same with AdamW, and
-    # the finite-difference HVP (no double-backward graph; not exact).
-    ("sgd", "retained", 20),
-    ("sgd", "retained", 8),
-    ("sgd", "double-backward", 4),
-    ("adamw", "double-backward", 4),
-    ("sgd", "finite-difference", 4),
+    # (optimizer, HVP method, max_basis, converge): the run's default probe, its solve filling
+    # the basis (the most it holds) and to rtol 1e-3 (the run's); the leanest exact probe (the
+    # graph rebuilt for every product, the smallest basis) to rtol 1e-3, and with AdamW; the
+    # finite-difference HVP (no double-backward graph; not exact). A basis of 4 always fills.
+    ("sgd", "retained", 20, False),
+    ("sgd", "retained", 20, True),
+    ("sgd", "double-backward", 4, True),
+    ("adamw", "double-backward", 4, False),
+    ("sgd", "finite-difference", 4, False),
 )
 
 
 def memory_rows(quick: bool) -> list[list[str]]:
+    """One process per configuration (``memory_child``), beside ``smoothprof.memory``'s
+    estimate of the same step and probe."""
     from smoothprof.memory import MemoryFootprint
 
     width, layers = FAMILY[1] if quick else FAMILY[-1]
     counted = counted_bytes(width, layers)
     rows = []
-    for optimizer, method, max_basis in MEMORY_CONFIGS:
+    for optimizer, method, max_basis, converge in MEMORY_CONFIGS:
         options = {"width": width, "layers": layers, "optimizer": optimizer,
-                   "hvp_method": method, "max_basis": max_basis}  # fmt: skip
+                   "hvp_method": method, "max_basis": max_basis, "converge": converge}  # fmt: skip
         measured = run_child(options)
         footprint = MemoryFootprint(
             vector_bytes=counted["vector"],
@@ -198,24 +206,22 @@ def memory_rows(quick: bool) -> list[list[str]]:
         estimate = footprint.probe_bytes(
             max_basis, retained_graphs=1 if method == "retained" else 0, hvp_method=method
         )
-        runtime, training, probe = measured["runtime"], measured["training_step"], measured["probe"]
+        # What the process holds besides the model's tensors (the runtime, the data, kernels'
+        # caches): its RSS before the measured step less parameters, gradients and state.
+        held = (2 + footprint.optimizer_vectors) * footprint.vector_bytes
+        other = measured["before_training_step"] - held
+        training, probe = measured["training_step"], measured["probe"]
+        if converge:
+            certified = "certified" if measured["converged"] else "not certified"
+            solve = f"rtol 1e-3: {measured['eigenvalue']:.6g}, {measured['hvps']} HVPs, {certified}"
+        else:
+            solve = f"fills its basis: {measured['hvps']} HVPs"
         rows.append([
-            f"{measured['parameters'] / 1e6:.1f}M", optimizer, method, str(max_basis),
-            mib(runtime), mib(training), mib(probe), f"{probe / training:.2f}",
-            f"{(probe - runtime) / (training - runtime):.2f}",
+            f"{measured['parameters'] / 1e6:.1f}M", optimizer, method, str(max_basis), solve,
+            mib(other), mib(training), mib(probe), f"{probe / training:.2f}",
+            f"{(probe - other) / (training - other):.2f}",
             mib(measured["probed_training_step"]),
-            f"{mib(estimate + runtime)} ({(estimate + runtime) / probe:.2f})",
-        ])  # fmt: skip
-    for method, max_basis in (("retained", 20), ("double-backward", 4)):
-        options = {"width": width, "layers": layers, "optimizer": "sgd", "hvp_method": method,
-                   "max_basis": max_basis, "converge": True}  # fmt: skip
-        measured = run_child(options)
-        certified = "certified" if measured["converged"] else "not certified"
-        rows.append([
-            f"{measured['parameters'] / 1e6:.1f}M", "sgd", method, str(max_basis),
-            f"converged solve: eigenvalue {measured['eigenvalue']:.6g}, "
-            f"{measured['hvps']} HVPs, {certified}", "", mib(measured["probe"]),
-            f"{measured['probe'] / measured['training_step']:.2f}", "", "", "",
+            f"{mib(other + footprint.training_step_bytes)} / {mib(other + estimate)}",
         ])  # fmt: skip
     return rows
 
@@ -282,7 +288,7 @@ def cost_rows(quick: bool) -> list[list[str]]:
     from smoothprof import Probe
     from smoothprof.objective import ProbeObjective, double_backward_backends
 
-    rounds = 3 if quick else 5
+    rounds = 3
     rows = []
     cpu = torch.device("cpu")
     for width, layers in FAMILY[:2] if quick else FAMILY:
@@ -377,9 +383,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(memory_child(json.loads(args.child))))
         return
+    use_mmap_for_large_allocations()  # this process builds the models too: no cached GBs
     import torch
 
     chosen = set(args.tables.split(","))
+    started = time.perf_counter()
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
@@ -389,8 +397,8 @@ def main() -> None:
         print(table(
             "Peak resident memory (MiB) of a training step and of a probe (its solve filling "
             "the basis), one process each",
-            ["model", "optimizer", "HVP method", "max basis", "runtime", "training step",
-             "probe", "probe / step", "over runtime", "probed step", "estimate (/ probe)"],
+            ["model", "optimizer", "HVP method", "max basis", "solve", "other", "training step",
+             "probe", "probe / step", "tensors only", "probed step", "estimate: step / probe"],
             memory_rows(args.quick), args.markdown,
         ))  # fmt: skip
     if "bytes" in chosen:
@@ -406,10 +414,11 @@ def main() -> None:
         print(table(
             "Cost: an HVP in gradients (median of interleaved rounds), a probe in gradients",
             ["model", "gradient ms", "HVP retained", "HVP rebuilt", "cold probe HVPs",
-             "cold probe, gradients", "warm probe HVPs", "warm probe, gradients",
+             "cold probe, in gradients", "warm probe HVPs", "warm probe, in gradients",
              "certified", "FD-HVP rel. error"],
             cost_rows(args.quick), args.markdown,
         ))  # fmt: skip
+    print(f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,13 @@ def choose(footprint, limit_bytes, **options):
     return choose_probe_memory(footprint, limit_bytes=limit_bytes, limit="a limit", **options)
 
 
-def test_training_step_counts_parameters_gradients_state_and_activations():
-    assert LARGE.training_step_bytes == (2 + 2) * 4 * GIB + 30 * GIB
+def test_training_step_counts_parameters_state_and_activations_or_gradients():
+    assert LARGE.training_step_bytes == (1 + 2) * 4 * GIB + 30 * GIB
+    assert SMALL.training_step_bytes == 20_000 + 300_000
+    few_activations = MemoryFootprint(
+        vector_bytes=GIB, optimizer_vectors=1, activation_bytes=GIB // 10, graph_bytes=GIB
+    )
+    assert few_activations.training_step_bytes == 3 * GIB  # parameters, momentum, gradients
 
 
 def test_probe_estimate_grows_with_the_basis_and_the_kept_graphs():
