@@ -395,8 +395,7 @@ def main() -> None:
     )
     if "memory" in chosen:
         print(table(
-            "Peak resident memory (MiB) of a training step and of a probe (its solve filling "
-            "the basis), one process each",
+            "Peak resident memory (MiB) of a training step and of a probe, one process each",
             ["model", "optimizer", "HVP method", "max basis", "solve", "other", "training step",
              "probe", "probe / step", "tensors only", "probed step", "estimate: step / probe"],
             memory_rows(args.quick), args.markdown,
