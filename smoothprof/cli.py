@@ -361,7 +361,17 @@ def run(
         typer.Option(
             min=4,  # estimators.MIN_BASIS, not imported here: it imports torch
             help="Vectors of the model's size the eigen-solver holds at most; a solve that "
-            "needs more restarts (thick restart, same certificate) [default: 20]."
+            "needs more restarts (thick restart, same certificate) [default: 20, fewer where "
+            "the probe would not fit: see --probe-memory]."
+        ),
+    ] = None,
+    probe_memory: Annotated[
+        float | None,
+        typer.Option(
+            help="Fit the probe's peak memory, as counted before training, within this many "
+            "times a training step's: the run chooses --max-basis and whether the "
+            "double-backward graph is kept, leaving the ones you give as given, and stops if "
+            "it cannot [default: fit 80% of the device's memory]."
         ),
     ] = None,
     per_layer: Annotated[
@@ -430,7 +440,8 @@ def run(
         "probe_schedule": probe_schedule, "probes_per_decade": probes_per_decade,
         "num_probes": num_probes,
         "max_overhead": max_overhead, "hvp_method": hvp_method, "retain_graphs": retain_graphs,
-        "max_hvps": max_hvps, "max_basis": max_basis, "seed": seed, "device": device,
+        "max_hvps": max_hvps, "max_basis": max_basis, "probe_memory": probe_memory,
+        "seed": seed, "device": device,
         "probe_mode": probe_mode,
         "per_layer": per_layer, "groups": groups, "lr_search": lr_search,
     }  # fmt: skip
@@ -612,6 +623,9 @@ def _print_header(err: Console, prepared: PreparedRun) -> None:
         + f", device {prepared.device}{processes}",
         markup=False,
     )
+    memory = prepared.probe_memory_choice
+    if memory is not None and (memory.changed or not memory.fits or config.probe_memory):
+        err.print(memory.describe(), markup=False)
     if prepared.parameter_groups and config.probe_every != 0:
         groups = prepared.parameter_groups
         shown = ", ".join(f"{g.name} ({g.size:,})" for g in groups[:8])

@@ -463,7 +463,7 @@ def fit_summary(
 SWEEP_SETS = (
     "lr", "clip", *SCHEDULE_OPTIONS, "max_overhead", "probe_batches", "retain_graphs",
     "hvp_method", "estimators", "fd_points", "probe_mode", "rtol", "max_hvps",
-    "max_basis", "per_layer", "groups",
+    "max_basis", "probe_memory", "per_layer", "groups",
 )  # fmt: skip
 # Config values null that the command line spells: ``RunConfig.as_json`` writes an uncapped
 # probe overhead (inf) as null.

@@ -557,22 +557,42 @@ def saved_graph_bytes(model: nn.Module, loss_fn: LossFn, batch: Any, *, seed: in
     train mode; wrap the call in ``probe.unchanged_model_state``).
     """
     parameters = trainable_parameters(model)
-    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[tuple[torch.device, int]] = set()
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        storage = tensor.untyped_storage()
-        key = (tensor.device, storage.data_ptr())
-        if storage.data_ptr() not in owned and key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-        return tensor
-
-    torch.manual_seed(seed)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    counted = _SavedBytes(model)
+    with counted:
+        torch.manual_seed(seed)
         loss = loss_fn(model, batch)
         grads = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
-    del loss, grads
-    return total
+        del loss, grads
+    return counted.total
+
+
+def saved_activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any, *, seed: int = 0) -> int:
+    """The memory one batch's forward pass holds for a gradient (a training step's
+    activations): bytes of the tensors autograd saves while evaluating the loss, counted as
+    ``saved_graph_bytes`` counts them, under whatever kernels and autocast the caller runs it
+    in. The caller owns the model's state."""
+    counted = _SavedBytes(model)
+    with counted:
+        torch.manual_seed(seed)
+        loss = loss_fn(model, batch)
+        del loss
+    return counted.total
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the tensors autograd saves inside it: each storage once, the
+    model's parameters' storages not at all."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[tuple[torch.device, int]] = set()
+        self.total = 0
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        if storage.data_ptr() not in self.owned and key not in self.seen:
+            self.seen.add(key)
+            self.total += storage.nbytes()
+        return tensor

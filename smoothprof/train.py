@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -37,12 +38,15 @@ from .loading import (
     make_dataloader,
     step_scheduler,
 )
+from .memory import DEVICE_SHARE, MemoryFootprint, ProbeMemoryChoice, choose_probe_memory
 from .objective import (
     HVP_METHODS,
     double_backward_backends,
+    saved_activation_bytes,
     saved_graph_bytes,
     trainable_parameters,
 )
+from .preconditioner import is_adam
 from .probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from .schedule import (
     DEFAULT_NUM_PROBES,
@@ -82,7 +86,10 @@ class RunConfig:
     probe_mode: str = "train"
     rtol: float = 1e-3
     max_hvps: int = 100
-    max_basis: int = DEFAULT_MAX_BASIS  # vectors of the model's size an eigen-solver holds
+    max_basis: int | None = None  # vectors of the model's size an eigen-solver holds; None:
+    # DEFAULT_MAX_BASIS, or fewer where the probe would not fit (``choose_run_probe_memory``)
+    probe_memory: float | None = None  # the probe's memory, at most this times a training
+    # step's (estimated); None: fit ``memory.DEVICE_SHARE`` of the device's memory
     seed: int = 0
     device: str = "auto"
     lr_search: bool = True  # after training, the step-size search (smoothprof.step_search)
@@ -208,9 +215,22 @@ class RunConfig:
             problems.append(f"rtol must be positive, got {self.rtol!r}")
         if not isinstance(self.max_hvps, int) or self.max_hvps <= 0:
             problems.append(f"max_hvps must be a positive integer, got {self.max_hvps!r}")
-        if not isinstance(self.max_basis, int) or self.max_basis < MIN_BASIS:
+        if self.max_basis is not None and (
+            not isinstance(self.max_basis, int) or self.max_basis < MIN_BASIS
+        ):
             problems.append(
                 f"max_basis must be an integer of at least {MIN_BASIS}, got {self.max_basis!r}"
+            )
+        if self.probe_memory is not None and not (
+            _positive(self.probe_memory) and self.probe_memory > 1
+        ):
+            problems.append(
+                "probe_memory must be a number above 1 (the probe's peak memory as a multiple "
+                f"of a training step's), got {self.probe_memory!r}"
+            )
+        if check_conflicts and self.probe_memory is not None and "hvp" not in self.estimators:
+            problems.append(
+                "probe_memory sizes the hvp estimator's eigen-solver: add hvp to estimators"
             )
         if self.per_layer not in (True, False):
             problems.append(f"per_layer must be true or false, got {self.per_layer!r}")
@@ -320,6 +340,108 @@ def choose_probe_batches(
     return ProbeBatchesChoice(
         default_probe_batches(num_parameters, graph_bytes), num_parameters, graph_bytes
     )
+
+
+def optimizer_state_vectors(optimizer: torch.optim.Optimizer) -> int:
+    """Vectors of the model's size the optimizer's state holds: 2 for Adam and AdamW (3 with
+    amsgrad), 1 for SGD with momentum, else 0 (plain SGD, and optimizers not known here: then
+    a training step's estimate is the smaller and a limit relative to it the stricter)."""
+    group = optimizer.param_groups[0]
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return 3 if group.get("amsgrad") else 2
+    if type(optimizer) is torch.optim.SGD and group.get("momentum"):
+        return 1
+    return 0
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device``: a GPU's total memory; for the CPU the machine's physical memory,
+    or its cgroup's limit when lower (a container). None where it is not known."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def count_memory_footprint(
+    model_file: ModelFile,
+    model: torch.nn.Module,
+    batch: Any,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    *,
+    num_probe_batches: int,
+    amp: str | None = None,
+    graph_bytes: int | None = None,
+) -> MemoryFootprint:
+    """Count what a run's memory is made of (``memory.MemoryFootprint``) on one probe batch:
+    its activations as a training step computes them (under ``amp``'s autocast, with the
+    default kernels), and its double-backward graph as the probe builds it (``graph_bytes`` when
+    already counted). The caller owns the model's state (``unchanged_model_state``)."""
+    parameters = trainable_parameters(model)
+    autocast = (
+        torch.autocast(device.type, dtype=_AMP_DTYPE[amp]) if amp else contextlib.nullcontext()
+    )
+    with autocast:
+        activation_bytes = saved_activation_bytes(model, model_file.call_loss, batch)
+    if graph_bytes is None:
+        with double_backward_backends(device):
+            graph_bytes = saved_graph_bytes(model, model_file.call_loss, batch)
+    return MemoryFootprint(
+        vector_bytes=sum(p.numel() * p.element_size() for p in parameters),
+        optimizer_vectors=optimizer_state_vectors(optimizer),
+        activation_bytes=activation_bytes,
+        graph_bytes=graph_bytes,
+        num_probe_batches=num_probe_batches,
+        preconditioned=is_adam(optimizer),
+    )
+
+
+def choose_run_probe_memory(
+    footprint: MemoryFootprint,
+    config: RunConfig,
+    device: torch.device,
+    *,
+    max_basis_given: int | None,
+    retain_given: bool,
+) -> ProbeMemoryChoice | None:
+    """The run's Lanczos basis and graph for its probe's memory (``memory.choose_probe_memory``):
+    within ``config.probe_memory`` times a training step's estimated peak when given, else
+    within ``memory.DEVICE_SHARE`` of the device's memory (None where that is not known).
+    ``max_basis_given`` is the basis the user gave (None: chosen); ``retain_given`` whether
+    the user set ``retain_graphs`` (``config`` holds its value, or the probe batches' choice)."""
+    if config.probe_memory is not None:
+        multiple = f"{config.probe_memory:g}"
+        limit_bytes = int(config.probe_memory * footprint.training_step_bytes)
+        limit = f"--probe-memory {multiple}, {multiple}x a training step's"
+    else:
+        total = device_memory_bytes(device)
+        if total is None:
+            return None
+        limit_bytes = int(DEVICE_SHARE * total)
+        limit = f"{DEVICE_SHARE:.0%} of {_device_words(device)} memory"
+    return choose_probe_memory(
+        footprint,
+        limit_bytes=limit_bytes,
+        limit=limit,
+        hvp_method=config.hvp_method,
+        max_basis=max_basis_given,
+        retain_graphs=config.retain_graphs,
+        retain_given=retain_given,
+    )
+
+
+def _device_words(device: torch.device) -> str:
+    return "this machine's" if device.type == "cpu" else f"{device}'s"
 
 
 def _positive(value: Any) -> bool:
@@ -472,6 +594,7 @@ class PreparedRun:
     initial_lr: float | None = None  # param group 0's lr before any schedule: what --lr says
     probe_batches_choice: ProbeBatchesChoice | None = None  # when no option chose them
     parameter_groups: list[ParameterGroup] | None = None  # --per-layer: the groups it measures
+    probe_memory_choice: ProbeMemoryChoice | None = None  # the basis and graph for memory
 
     @property
     def probe_batches_by_size(self) -> bool:
@@ -514,6 +637,8 @@ class PreparedRun:
         data["probe_batches_by_size"] = self.probe_batches_by_size
         if self.probe_batches_choice is not None:
             data["probe_graph_bytes"] = self.probe_batches_choice.graph_bytes
+        if self.probe_memory_choice is not None:
+            data["probe_memory_estimate"] = self.probe_memory_choice.as_json()
         data["optimizer_source"] = "model file" if self.optimizer_from_file else "options"
         data["scheduler"] = None if self.scheduler is None else type(self.scheduler).__name__
         if self.optimizer_from_file:
@@ -586,6 +711,7 @@ def prepare_run(
     generators of rank r continue from ``seed + r``.
     """
     device = resolve_device(config.device) if device is None else device
+    given_max_basis, given_retain_graphs = config.max_basis, config.retain_graphs
     seed_everything(config.seed)
     model = instantiate_model(model_file).to(device)
     model.train()
@@ -613,6 +739,40 @@ def prepare_run(
     else:
         optimizer = make_optimizer(config, parameters)
     initial_lr = float(optimizer.param_groups[0]["lr"])
+    memory_choice = None
+    if config.probe_every != 0 and "hvp" in config.estimators:
+        with unchanged_model_state(model, device):
+            seed_everything(config.seed)
+            footprint = count_memory_footprint(
+                model_file,
+                model,
+                probe_batches[0],
+                device,
+                optimizer,
+                num_probe_batches=len(probe_batches),
+                amp=config.amp,
+                graph_bytes=None if choice is None else choice.graph_bytes,
+            )
+        memory_choice = choose_run_probe_memory(
+            footprint,
+            config,
+            device,
+            max_basis_given=given_max_basis,
+            retain_given=given_retain_graphs is not None,
+        )
+        if comm is not None:  # the ranks run one Lanczos iteration together: rank 0's choice
+            memory_choice = comm.from_rank0(memory_choice)
+    if memory_choice is not None:
+        if not memory_choice.fits and config.probe_memory is not None:
+            raise ConfigError(memory_choice.shortfall())
+        retain = config.retain_graphs
+        if memory_choice.retain_graphs is not None:
+            retain = memory_choice.retain_graphs
+        config = dataclasses.replace(
+            config, max_basis=memory_choice.max_basis, retain_graphs=retain
+        )
+    if config.max_basis is None:
+        config = dataclasses.replace(config, max_basis=DEFAULT_MAX_BASIS)
     scheduler = None
     if model_file.make_scheduler is not None:
         scheduler = instantiate_scheduler(model_file, optimizer)
@@ -644,6 +804,7 @@ def prepare_run(
         initial_lr=initial_lr,
         probe_batches_choice=choice,
         parameter_groups=parameter_groups,
+        probe_memory_choice=memory_choice,
     )
 
 
