@@ -48,14 +48,14 @@ MIN_BASIS = 4  # a Ritz vector at each end, the next Lanczos vector, and room fo
 # subtracts those above this many units of rounding (the basis dtype's eps) times the vector's
 # norm: the basis stays orthogonal to working precision, as measured, not as estimated. Measured
 # against subtracting every component at every step (benchmarks/reorthogonalization.py; counts,
-# deterministic): 32% to 48% fewer basis rows read on the benchmark's four models and 35% to 48%
-# on the tests' spectra, with the same products, the same certificate failures (none), and
-# eigenvalues and residuals as close to the dense references; the bases kept orthogonal to 4e-6
-# in float32 (3e-7 before). Parlett and Scott's selective orthogonalization (against converged
-# Ritz vectors) read 4 to 70 times fewer rows, but its semi-orthogonal float32 basis put the
+# deterministic): 32% to 45% fewer basis rows read on the benchmark's four models, 21% (solves
+# of 6 products) to 46% on the tests' spectra, with the same products, no certificate failure,
+# and eigenvalues and residuals as close to the dense references; float32 bases orthogonal to
+# 4e-6 (2e-7 to 7e-7 before). Parlett and Scott's selective orthogonalization (against
+# converged Ritz vectors) read far fewer rows, but its semi-orthogonal float32 basis put the
 # returned vector's true residual up to 2e-4 |lambda| from the computed one, twice what the
-# certificate at rtol 1e-3 allows; the three-term recurrence alone lost orthogonality entirely
-# and took up to 19% more products with a basis of 8.
+# certificate at rtol 1e-3 relies on; the three-term recurrence alone lost orthogonality
+# entirely and took up to 19% more products with a basis of 8.
 REORTHOGONALIZE_ABOVE = 8
 _RESTART_BLOCK = 1 << 16  # columns rotated at a time at a restart
 
