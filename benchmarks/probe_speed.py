@@ -1,6 +1,7 @@
 """How fast and how exact the probe is, measured side by side in one run.
 
     python benchmarks/probe_speed.py [--quick] [--markdown] [--tables hvp,eigen,warm,overhead]
+    python benchmarks/probe_speed.py --markdown --tables peers
 
 Prints four tables:
 
@@ -28,6 +29,14 @@ Prints four tables:
    without ``--per-layer`` (the default groups): the HVPs per probe of the whole-model solvers
    and of the per-group solvers, all groups and per group, and the per-layer probe's time over
    the plain probe's (the median of the probes' seconds of each run).
+7. Peers at equal accuracy (``--tables peers``, not in the default set): smoothprof's solve
+   certified to rtol 1e-3 beside PyHessian 0.1 at tol 1e-5, hessian-eigenthings 1.0.0a5's
+   ``lanczos(k=1)`` at the smallest step count within 1e-3 of a reference (an oracle in its
+   favour) and curvlinops 3.0.1 with scipy's ``eigsh(k=1, which="LM", tol=1e-3)``, on the four
+   models above and the 25.5M-parameter LM of benchmarks/models/transformer_lm_25m.py (its
+   3.3M member with ``--quick``): products, errors against a reference certified to rtol 1e-6,
+   and time in interleaved rounds (3 for the small models, the first solve for the LM). A peer
+   that is not installed, or that fails, is listed as such.
 
 Ratios, not seconds, are the figures to compare: they are measured in one process on one
 machine, which the header states.

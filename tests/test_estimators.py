@@ -447,7 +447,7 @@ def test_subtracting_only_components_above_rounding_is_subtracting_all(
             true_residual = float(torch.linalg.vector_norm(matrix @ u - result.eigenvalue * u))
             assert true_residual == pytest.approx(result.residual, rel=1e-3, abs=1e-6 * abs(top))
             loss = float((basis.double() @ basis.double().T - torch.eye(len(basis))).abs().max())
-            # working precision (the restarts of a basis of 8 add up rounding: measured up to 51 eps)
+            # working precision (a basis of 8 adds up rounding over its restarts: 51 eps measured)
             assert loss <= 256 * torch.finfo(dtype).eps, (above, seed, loss)
             solves[above] = result, work
         (full, full_work), (measured, measured_work) = solves.values()
