@@ -1,6 +1,7 @@
 """How fast and how exact the probe is, measured side by side in one run.
 
     python benchmarks/probe_speed.py [--quick] [--markdown] [--tables hvp,eigen,warm,overhead]
+    python benchmarks/probe_speed.py --markdown --tables peers
 
 Prints four tables:
 
@@ -28,6 +29,14 @@ Prints four tables:
    without ``--per-layer`` (the default groups): the HVPs per probe of the whole-model solvers
    and of the per-group solvers, all groups and per group, and the per-layer probe's time over
    the plain probe's (the median of the probes' seconds of each run).
+7. Peers at equal accuracy (``--tables peers``, not in the default set): smoothprof's solve
+   certified to rtol 1e-3 beside PyHessian 0.1 at tol 1e-5, hessian-eigenthings 1.0.0a5's
+   ``lanczos(k=1)`` at the smallest step count within 1e-3 of a reference (an oracle in its
+   favour) and curvlinops 3.0.1 with scipy's ``eigsh(k=1, which="LM", tol=1e-3)``, on the four
+   models above and the 25.5M-parameter LM of benchmarks/models/transformer_lm_25m.py (its
+   3.3M member with ``--quick``): products, errors against a reference certified to rtol 1e-6,
+   and time in interleaved rounds (3 for the small models, the first solve for the LM). A peer
+   that is not installed, or that fails, is listed as such.
 
 Ratios, not seconds, are the figures to compare: they are measured in one process on one
 machine, which the header states.
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -44,6 +54,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -293,6 +304,336 @@ def warm_start(quick: bool) -> list[list[str]]:
     return rows
 
 
+PEER_RTOL = 1e-3
+"""smoothprof's certified rtol, the relative error hessian-eigenthings' oracle step count must
+reach, and scipy's eigsh tolerance (its own residual rule)."""
+PYHESSIAN_TOL = 1e-5
+PYHESSIAN_MAX_ITER = 300
+EIGENTHINGS_MAX_ITER = 150
+REFERENCE_RTOL = 1e-6
+START_SEED = 1  # every solver's start vector; the reference starts elsewhere (seed 2)
+
+
+class FlatLogits(nn.Module):
+    """A language model's logits with one row per token, so that every solver's loss is
+    ``cross_entropy(model(inputs), targets)`` on a batch ``(inputs, flat targets)``."""
+
+    def __init__(self, language_model: nn.Module) -> None:
+        super().__init__()
+        self.language_model = language_model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.language_model(tokens)
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def language_model(quick: bool) -> tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """benchmarks/models/transformer_lm_25m.py (25.5M parameters; with ``quick`` its 3.3M
+    member, width 256 and 4 layers) on its first batch of 8 x 128 bytes."""
+    import importlib.util
+
+    path = REPO / "benchmarks" / "models" / "transformer_lm_25m.py"
+    spec = importlib.util.spec_from_file_location("transformer_lm_25m", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.build(256, 4) if quick else module.build()
+    tokens = module.dataloader()[0]
+    size = sum(p.numel() for p in model.parameters())
+    name = f"transformer LM {size / 1e6:.1f}M"
+    return name, FlatLogits(model), (tokens[:, :-1], tokens[:, 1:].reshape(-1))
+
+
+@dataclass
+class PeerRun:
+    """One solver on one model: its eigenvalue and products from the first solve, the wall
+    times of the timed solves, and what had to change for it to run (or why it did not)."""
+
+    name: str
+    solve: Callable[[], tuple[float, int]] | None
+    note: str = ""
+    eigenvalue: float = math.nan
+    hvps: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+    def first(self, math_attention: Callable[[], tuple[float, int]] | None) -> None:
+        """The first solve, as is; when it raises, once more with PyTorch's math attention
+        kernel (double backward through the CPU's flash kernel fails); else the run fails."""
+        if self.solve is None:
+            return
+        try:
+            self.eigenvalue, self.hvps = self.solve()
+        except Exception as error:  # a peer's own failure, reported in the table
+            if math_attention is None:
+                self.solve, self.note = None, f"fails ({type(error).__name__})"
+                return
+            try:
+                self.eigenvalue, self.hvps = math_attention()
+            except Exception as second:
+                self.solve, self.note = None, f"fails ({type(second).__name__})"
+                return
+            self.solve = math_attention
+            self.note = ", ".join(filter(None, [self.note, "with math attention"]))
+
+    def timed(self) -> None:
+        if self.solve is not None:
+            started = time.perf_counter()
+            self.solve()
+            self.seconds.append(time.perf_counter() - started)
+
+
+def with_math_attention(solve: Callable[[], tuple[float, int]]) -> Callable[[], tuple[float, int]]:
+    def wrapped() -> tuple[float, int]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return solve()
+
+    return wrapped
+
+
+def smoothprof_solver(model, batch, start) -> Callable[[], tuple[float, int]]:
+    def solve() -> tuple[float, int]:
+        result = hessian_norm(
+            model, cross_entropy, [batch], rtol=PEER_RTOL, start=start, mode="eval"
+        )
+        return result.eigenvalue, result.num_hvps
+
+    return solve
+
+
+def pyhessian_solver(model, batch) -> Callable[[], tuple[float, int]]:
+    """PyHessian 0.1's power iteration at ``tol`` PYHESSIAN_TOL (its rule: the Rayleigh
+    quotient changed by less than tol, relative), its products counted."""
+    import importlib
+
+    module = importlib.import_module("pyhessian.hessian")  # the package shadows it by a class
+
+    def solve() -> tuple[float, int]:
+        count = 0
+        original = module.hessian_vector_product
+
+        def counted(*args):
+            nonlocal count
+            count += 1
+            return original(*args)
+
+        torch.manual_seed(START_SEED)
+        model.zero_grad(set_to_none=True)
+        module.hessian_vector_product = counted
+        try:
+            with warnings.catch_warnings():  # its backward(create_graph=True): torch warns
+                warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
+                computer = module.hessian(model, nn.functional.cross_entropy, data=batch,
+                                          cuda=False)  # fmt: skip
+                values, _ = computer.eigenvalues(
+                    maxIter=PYHESSIAN_MAX_ITER, tol=PYHESSIAN_TOL, top_n=1
+                )
+        finally:
+            module.hessian_vector_product = original
+            model.zero_grad(set_to_none=True)
+        return values[0], count
+
+    return solve
+
+
+def eigenthings_operator(model, batch):
+    from hessian_eigenthings import HessianOperator
+
+    def loss(model, batch) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.cross_entropy(model(inputs), targets)
+
+    return HessianOperator(model, [batch], loss)
+
+
+def eigenthings_smallest_max_iters(
+    model, batch, reference: float, errors: tuple[float, ...], math_attention: bool, hint: int
+) -> list[int]:
+    """For each relative error in ``errors``, the smallest ``max_iter`` at which
+    hessian-eigenthings' ``lanczos(k=1)`` is within it of ``reference`` (0: not within
+    EIGENTHINGS_MAX_ITER steps): the top |Ritz value| of each leading block of the tridiagonal
+    matrix of one run of its ``lanczos_tridiagonal`` from the start vector ``lanczos`` draws.
+    These are the steps ``lanczos(max_iter=m)`` takes, as it reorthogonalizes up to 50 steps
+    and not beyond. The run goes to ``hint`` steps (at most 50), to 50 when that does not
+    suffice, and then, without reorthogonalizing, from step 51. Outside the timed rounds;
+    counts and rounding, no clock."""
+    from hessian_eigenthings import lanczos_tridiagonal
+
+    context = contextlib.nullcontext()
+    if math_attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = sdpa_kernel(SDPBackend.MATH)
+    operator = eigenthings_operator(model, batch)
+    generator = torch.Generator().manual_seed(START_SEED)
+    start = torch.randn(operator.size, dtype=operator.dtype, generator=generator)
+    found = [0] * len(errors)
+    stages = [(1, min(hint, 50), True)]
+    if hint < 50:
+        stages.append((1, 50, True))
+    stages.append((51, EIGENTHINGS_MAX_ITER, False))
+    for first, last, reorthogonalize in stages:
+        if all(found):
+            break
+        with context:
+            steps = lanczos_tridiagonal(operator, start, last, reorthogonalize=reorthogonalize)
+        alphas, betas = steps.alphas.double(), steps.betas.double()
+        for m in range(first, steps.iterations + 1):
+            tridiagonal = torch.diag(alphas[:m])
+            if m > 1:
+                tridiagonal += torch.diag(betas[: m - 1], 1) + torch.diag(betas[: m - 1], -1)
+            top = float(torch.linalg.eigvalsh(tridiagonal).abs().max())
+            for i, error in enumerate(errors):
+                if not found[i] and abs(top - abs(reference)) <= error * abs(reference):
+                    found[i] = m
+    return found
+
+
+def eigenthings_solver(model, batch, max_iter: int) -> Callable[[], tuple[float, int]]:
+    from hessian_eigenthings import lanczos
+
+    def solve() -> tuple[float, int]:
+        model.zero_grad(set_to_none=True)
+        operator = eigenthings_operator(model, batch)
+        result = lanczos(operator, k=1, max_iter=max_iter, seed=START_SEED)
+        return float(result.eigenvalues[0]), result.iterations
+
+    return solve
+
+
+def curvlinops_solver(model, batch, start) -> Callable[[], tuple[float, int]]:
+    """curvlinops' HessianLinearOperator as a scipy operator, ``eigsh(k=1, which="LM")`` (the
+    largest magnitude: the quantity measured here) at ``tol`` PEER_RTOL from the same start.
+    Its determinism check (extra products at construction) is turned off: in its favour."""
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    def solve() -> tuple[float, int]:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        hessian = HessianLinearOperator(
+            model, nn.CrossEntropyLoss(), parameters, [batch],
+            check_deterministic=False, num_data=len(batch[0]),
+        ).to_scipy()  # fmt: skip
+        count = 0
+
+        def matvec(vector):
+            nonlocal count
+            count += 1
+            return hessian @ vector
+
+        operator = LinearOperator(hessian.shape, matvec=matvec, dtype=hessian.dtype)
+        values = eigsh(operator, k=1, which="LM", tol=PEER_RTOL, v0=start.double().numpy(),
+                       return_eigenvectors=False)  # fmt: skip
+        return float(values[0]), count
+
+    return solve
+
+
+PEER_PACKAGES = {
+    "PyHessian": "pyhessian",
+    "hessian-eigenthings": "hessian_eigenthings",
+    "curvlinops": "curvlinops",
+}
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def peer_speed(quick: bool) -> tuple[list[list[str]], list[list[str]]]:
+    """Per model: a reference eigenvalue (Lanczos certified to REFERENCE_RTOL from another
+    start), each solver's first solve (products, error; untimed for the small models), then
+    interleaved timed rounds (3 for the small models, 1 for the language model; 1 and 1 with
+    ``quick``). Seconds are medians over the rounds, ratios medians of the rounds' ratios."""
+    accuracy, speed = [], []
+    small = [(name, model, batch, False) for name, model, batch in models(quick)]
+    for name, model, batch, large in [*small, (*language_model(quick), True)]:
+        model.eval()
+        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{name}: {dim:,} parameters", file=sys.stderr, flush=True)
+        reference = hessian_norm(
+            model, cross_entropy, [batch], rtol=REFERENCE_RTOL, max_hvps=300, mode="eval",
+            start=torch.randn(dim, generator=torch.Generator().manual_seed(2)),
+        )  # fmt: skip
+        print(f"  reference: {reference.num_hvps} products, {reference.eigenvalue:.8g}, "
+              f"converged {reference.converged}", file=sys.stderr, flush=True)  # fmt: skip
+        start = torch.randn(dim, generator=torch.Generator().manual_seed(START_SEED))
+        runs = [PeerRun("smoothprof", smoothprof_solver(model, batch, start))]
+        for peer, module in PEER_PACKAGES.items():
+            if not installed(module):
+                runs.append(PeerRun(peer, None, note="not installed"))
+            elif peer == "PyHessian":
+                runs.append(PeerRun(peer, pyhessian_solver(model, batch)))
+            elif peer == "curvlinops":
+                runs.append(PeerRun(peer, curvlinops_solver(model, batch, start)))
+            else:
+                runs.append(PeerRun(peer, None))  # its step count is searched below
+        for run in runs:
+            if run.name == "hessian-eigenthings" and not run.note:
+                # the oracle step count, and the one for smoothprof's own error
+                ours_error = abs(abs(runs[0].eigenvalue) - reference.value) / reference.value
+                errors = (PEER_RTOL, max(ours_error, 1e-7))
+                math_attention = False
+                try:
+                    found = eigenthings_smallest_max_iters(
+                        model, batch, reference.value, errors, False, runs[0].hvps + 10
+                    )
+                except RuntimeError:
+                    found = eigenthings_smallest_max_iters(
+                        model, batch, reference.value, errors, True, runs[0].hvps + 10
+                    )
+                    math_attention = True
+                steps_for_ours = f"{found[1]} for {errors[1]:.0e}" if found[1] else (
+                    f"> {EIGENTHINGS_MAX_ITER} for {errors[1]:.0e}"
+                )  # fmt: skip
+                if not found[0]:
+                    run.note = f"not within {PEER_RTOL:g} in {EIGENTHINGS_MAX_ITER} steps"
+                    continue
+                run.solve = eigenthings_solver(model, batch, found[0])
+                run.note = steps_for_ours
+                if math_attention:
+                    run.solve = with_math_attention(run.solve)
+                    run.note += ", with math attention"
+            fallback = None if run.name == "smoothprof" or run.solve is None else (
+                with_math_attention(run.solve)
+            )  # fmt: skip
+            if large:
+                started = time.perf_counter()
+                run.first(fallback)
+                run.seconds.append(time.perf_counter() - started)
+            else:
+                run.first(fallback)
+            print(f"  {run.name}: {run.hvps} products, {run.eigenvalue:.6g} {run.note}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        rounds = (0 if large else 1) if quick else (0 if large else 3)
+        for _ in range(rounds):
+            for run in runs:
+                run.timed()
+
+        def error(value: float) -> str:
+            return f"{abs(abs(value) - reference.value) / reference.value:.1e}"
+
+        row = [name, f"{dim:,}", f"{reference.value:.5g}"]
+        timing = [name]
+        ours = runs[0]
+        for run in runs:
+            if run.solve is None:
+                row += [run.note or "-", "", ""]
+                timing += [run.note or "-", ""]
+                continue
+            row += [str(run.hvps), error(run.eigenvalue), run.note]
+            timing.append(f"{statistics.median(run.seconds):.3f}")
+            if run is not ours:
+                ratios = [mine / theirs for mine, theirs in zip(ours.seconds, run.seconds)]
+                timing.append(f"{statistics.median(ratios):.2f}")
+        accuracy.append(row)
+        speed.append(timing)
+    return accuracy, speed
+
+
 REAL_MODELS = ("gpt2_bytes.py", "gpt2_bytes_adamw.py", "timm_resnet.py", "mobilenet_small.py")
 """Sample models of packages users train with: optional extras, not in the other tables."""
 
@@ -413,7 +754,7 @@ def main() -> None:
     parser.add_argument(
         "--tables",
         default="hvp,eigen,warm,overhead,real,layers",
-        help="which tables to print, comma-separated (default: all six)",
+        help="which tables to print, comma-separated (default: all but peers)",
     )
     args = parser.parse_args()
     chosen = set(args.tables.split(","))
@@ -436,6 +777,23 @@ def main() -> None:
             header += ["PyHessian s", "rel. error", "Lanczos s / PyHessian s"]
         print(table("Top eigenvalue to rtol 1e-3 (eval mode, same batch and start)", header,
                     rows, args.markdown))  # fmt: skip
+    if "peers" in chosen:
+        accuracy, speed = peer_speed(args.quick)
+        solvers = ["smoothprof", *PEER_PACKAGES]
+        header = ["model", "parameters", "abs(lambda) ref."]
+        for solver in solvers:
+            header += [f"{solver} HVPs", "rel. error", "note"]
+        print(table(
+            f"Top eigenvalue: smoothprof certified to rtol {PEER_RTOL:g}, PyHessian at tol "
+            f"{PYHESSIAN_TOL:g}, hessian-eigenthings at its smallest max_iter within "
+            f"{PEER_RTOL:g}, curvlinops + eigsh at tol {PEER_RTOL:g} (eval mode, same start)",
+            header, accuracy, args.markdown,
+        ))  # fmt: skip
+        header = ["model", "smoothprof s"]
+        for solver in PEER_PACKAGES:
+            header += [f"{solver} s", f"smoothprof s / {solver} s"]
+        print(table("The same solves' wall time (median) and smoothprof's over each peer's",
+                    header, speed, args.markdown))  # fmt: skip
     if "warm" in chosen:
         print(table(
             "Warm start from the previous eigenvector, probing every 5 SGD steps",

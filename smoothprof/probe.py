@@ -184,7 +184,7 @@ def hessian_norm(
 ) -> HessianNorm:
     """The largest |eigenvalue| of the Hessian of f = mean of ``loss_fn(model, b)`` over batches.
 
-    Lanczos with full reorthogonalization on Hessian-vector products. ``converged``: the value
+    Lanczos on Hessian-vector products (``lanczos_top_eigenpair``). ``converged``: the value
     is within ``rtol`` (relative) of the largest |eigenvalue|, unless the start vector (nearly)
     lacked its eigenvector, which no solver on Hessian-vector products can see (the exact
     guarantee: see ``HessianNorm``); false when ``max_hvps`` products did not suffice to show

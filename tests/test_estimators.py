@@ -8,6 +8,7 @@ from conftest import solver_storage_bytes
 
 from smoothprof.estimators import (
     MISSED_OVERLAP,
+    LanczosWork,
     finite_difference_smoothness,
     lanczos_top_eigenpair,
     power_iteration_top_eigenpair,
@@ -227,12 +228,16 @@ def test_lanczos_keeps_the_basis_orthogonal_where_plain_lanczos_loses_it(seed):
     rotation, _ = torch.linalg.qr(torch.randn(400, 400, generator=generator))
     matrix = (rotation * eigenvalues) @ rotation.T
     first = torch.randn(400, generator=generator)
-    result, basis = _lanczos(lambda v: matrix @ v, first, rtol=1e-9, max_matvecs=120)
+    work = LanczosWork()
+    result, basis = _lanczos(lambda v: matrix @ v, first, rtol=1e-9, max_matvecs=120, work=work)
     assert result.num_matvecs >= 100  # far past the convergence of -50
     loss = (basis @ basis.T - torch.eye(len(basis))).abs().max()
-    # Full reorthogonalization: orthogonal to working precision (measured 3e-7 to 6e-7), where
-    # semi-orthogonality (sqrt(eps), 3e-4) is all that partial schemes promise.
+    # Orthogonal to working precision (measured 8e-7 to 1e-6, 7 to 8 eps: the components above
+    # REORTHOGONALIZE_ABOVE eps are subtracted), where semi-orthogonality (sqrt(eps), 3e-4) is
+    # all that partial schemes promise.
     assert loss <= 32 * torch.finfo(torch.float32).eps
+    # measured, not assumed: some steps needed no subtraction, others did
+    assert 0 < work.subtracted_rows < work.inner_product_rows
     assert result.eigenvalue == pytest.approx(100.0, rel=1e-3)
     plain = _plain_lanczos_basis(matrix, first, 120)
     assert (plain @ plain.T - torch.eye(120)).abs().max() > 0.1  # what reorthogonalizing prevents
@@ -397,3 +402,56 @@ def test_bounded_lanczos_rotates_the_basis_in_column_blocks(monkeypatch):
     assert (blocks.num_matvecs, blocks.restarts) == (whole.num_matvecs, whole.restarts)
     assert blocks.eigenvalue == pytest.approx(whole.eigenvalue, rel=1e-12)
     torch.testing.assert_close(blocks.eigenvector, whole.eigenvector, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_basis", [8, 20, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "eigenvalues",
+    [
+        [*TOP_CLUSTER, *torch.linspace(0.0, 9.9, 96).tolist()],
+        [10.0, 10.0 - 1e-6, 10.0 - 2e-6, 9.999] + [float(i) / 10 for i in range(60)],
+        NEGATIVE_BESIDE_DENSE,
+        NEGATIVE_DOMINANT,
+        WELL_SEPARATED,
+        [-7.0, 5.0, 3.0, 1.0, 0.5, -0.1] * 10,
+    ],
+    ids=["four-cluster", "clustered", "negative-beside-dense", "negative-dominant",
+         "well-separated", "negative-repeated"],
+)  # fmt: skip
+def test_subtracting_only_components_above_rounding_is_subtracting_all(
+    monkeypatch, max_basis, dtype, eigenvalues
+):
+    # REORTHOGONALIZE_ABOVE = 0 subtracts every component at every step (full
+    # reorthogonalization); the default skips those at rounding level. Same products, the same
+    # eigenvalue to rounding, both within rtol of the dense one, for fewer rows read.
+    import smoothprof.estimators as estimators
+
+    rtol = 1e-3
+    for seed in range(3):
+        matrix = symmetric(eigenvalues, seed=seed)
+        exact = torch.linalg.eigvalsh(matrix)
+        top = float(exact[exact.abs().argmax()])
+        operator, first = matrix.to(dtype), start(len(eigenvalues), seed + 10).to(dtype)
+        solves = {}
+        for above in (0, estimators.REORTHOGONALIZE_ABOVE):
+            monkeypatch.setattr(estimators, "REORTHOGONALIZE_ABOVE", above)
+            work = LanczosWork()
+            result, basis = estimators._lanczos(
+                operator.matmul, first, rtol=rtol, max_matvecs=2000, max_basis=max_basis,
+                work=work,
+            )  # fmt: skip
+            assert result.converged
+            assert abs(result.eigenvalue - top) <= rtol * abs(top), (above, seed)
+            u = result.eigenvector.double()
+            true_residual = float(torch.linalg.vector_norm(matrix @ u - result.eigenvalue * u))
+            assert true_residual == pytest.approx(result.residual, rel=1e-3, abs=1e-6 * abs(top))
+            loss = float((basis.double() @ basis.double().T - torch.eye(len(basis))).abs().max())
+            # working precision (a basis of 8 adds up rounding over its restarts: 51 eps measured)
+            assert loss <= 256 * torch.finfo(dtype).eps, (above, seed, loss)
+            solves[above] = result, work
+        (full, full_work), (measured, measured_work) = solves.values()
+        assert measured.num_matvecs == full.num_matvecs
+        assert measured.eigenvalue == pytest.approx(full.eigenvalue, rel=8 * torch.finfo(dtype).eps)
+        assert measured_work.inner_product_rows == full_work.inner_product_rows
+        assert measured_work.subtracted_rows < full_work.subtracted_rows
