@@ -55,6 +55,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/tables.py
+
+from tables import table
+
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 FAMILY = ((128, 2), (256, 4), (384, 6), (512, 8))
@@ -359,18 +363,6 @@ def finite_difference_error(model, loss, batch, probe) -> str:
         objective.release()
     error = torch.linalg.vector_norm(approximate - exact) / torch.linalg.vector_norm(exact)
     return f"{float(error):.1e}"
-
-
-def table(title: str, header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
-                 "|" + "---|" * len(header)]  # fmt: skip
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -72,6 +72,9 @@ from smoothprof.objective import (
 )
 from smoothprof.train import RunConfig, prepare_run, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/tables.py
+from tables import table
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -733,18 +736,6 @@ def per_layer_cost(quick: bool) -> list[list[str]]:
             f"{layer_seconds / plain_seconds:.2f}x",
         ])  # fmt: skip
     return rows
-
-
-def table(title: str, header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
-                 "|" + "---|" * len(header)]  # fmt: skip
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
