@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,17 @@ class _CalledWith:
 
     def __call__(self, *args, **kwargs):
         return functional_call(self.model, self.params, args, kwargs)
+
+
+def benchmark_module(name: str) -> Iterator:
+    """benchmarks/NAME.py imported as the module NAME (for a module-scoped fixture to yield),
+    removed from sys.modules after."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)
 
 
 def dense_hessian(model, loss_fn, batches, *, seed=0):

@@ -2,25 +2,15 @@
 smallest that reaches the error asked, an oracle in the peer's favour), and how a peer that
 fails is reported instead of stopping the benchmark."""
 
-import importlib.util
-import sys
-
 import pytest
 import torch
-from conftest import REPO, dense_hessian, top_eigenvalue
+from conftest import benchmark_module, dense_hessian, top_eigenvalue
 from torch import nn
-
-BENCHMARK = REPO / "benchmarks" / "probe_speed.py"
 
 
 @pytest.fixture(scope="module")
 def probe_speed():
-    spec = importlib.util.spec_from_file_location("probe_speed", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["probe_speed"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("probe_speed", None)
+    yield from benchmark_module("probe_speed")
 
 
 def test_a_peer_that_fails_as_is_runs_with_math_attention_or_is_reported(probe_speed):

@@ -1,25 +1,16 @@
 """The practitioners' clippers of benchmarks/vs_practice.py, against their definitions."""
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_practice.py"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def vs_practice():
-    spec = importlib.util.spec_from_file_location("vs_practice", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vs_practice"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("vs_practice", None)
+    yield from benchmark_module("vs_practice")
 
 
 def _gradient(norm):
