@@ -137,11 +137,11 @@ def variant_lanczos(
 
 def solve(scheme, matvec, start, max_basis, work):
     if scheme == "measured":
-        result, basis = _lanczos(
+        result, rows, size = _lanczos(
             matvec, start, rtol=RTOL, max_matvecs=2000, max_basis=max_basis, work=work
         )
         return (result.eigenvalue, result.eigenvector, result.num_matvecs, result.converged,
-                result.residual, basis)  # fmt: skip
+                result.residual, rows.matrix(size))  # fmt: skip
     return variant_lanczos(matvec, start, scheme=scheme, max_basis=max_basis, work=work)
 
 

@@ -157,8 +157,9 @@ def _lanczos(
     max_matvecs: int,
     max_basis: int | None = None,
     work: LanczosWork | None = None,
-) -> tuple[EigenResult, torch.Tensor]:
-    """``lanczos_top_eigenpair`` and the orthonormal basis it holds at the end (rows), for tests.
+) -> tuple[EigenResult, _BlockBasis, int]:
+    """``lanczos_top_eigenpair``, and the basis it holds at the end with its number of rows
+    (``basis.matrix(size)`` copies them: tests do, the solver does not).
 
     Every new vector, after the three-term recurrence, has its inner products with the whole
     basis computed (one pass over it), and the components above ``REORTHOGONALIZE_ABOVE`` eps
@@ -250,7 +251,7 @@ def _lanczos(
         basis.set_row(size, w, divisor=beta)
         size += 1
     eigenvector = basis.combination(torch.as_tensor(ritz_vector), size)
-    eigenvector = eigenvector / torch.linalg.vector_norm(eigenvector)
+    eigenvector.div_(torch.linalg.vector_norm(eigenvector))
     result = EigenResult(
         eigenvalue=theta,
         eigenvector=eigenvector.reshape(start.shape),
@@ -259,7 +260,7 @@ def _lanczos(
         residual=residual,
         restarts=restarts,
     )
-    return result, basis.matrix(size)
+    return result, basis, size
 
 
 def _thick_restart(

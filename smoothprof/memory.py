@@ -10,14 +10,12 @@ options on the same device choose the same, whatever else the machine runs.
 A training step holds the parameters, the optimizer's state, and one batch's activations or the
 gradients, whichever is larger (``MemoryFootprint.training_step_bytes``). A probe runs between
 two steps: the parameters, the training's gradients and the optimizer's state stay, and the
-probe adds, at the larger of two moments:
-
-- while it takes a product: the double-backward graph of every probe batch it retains through
-  the solve (``retained`` HVPs), or of one batch, rebuilt for every product and freed by its
-  backward as it goes (``double-backward``); the intermediate gradients of that backward; the
-  Lanczos basis (``max_basis`` vectors of the model's size) and ``PRODUCT_VECTORS`` more;
-- at the end of a solve: the retained graphs, the basis, the copy of its rows that
-  ``estimators._lanczos`` returns for its tests, and ``END_VECTORS`` more.
+probe adds, while it takes a product, the double-backward graph of every probe batch it retains
+through the solve (``retained`` HVPs), or of one batch, rebuilt for every product and freed by
+its backward as it goes (``double-backward``); the intermediate gradients of that backward; the
+Lanczos basis (``max_basis`` vectors of the model's size) and ``PRODUCT_VECTORS`` more. The end
+of a solve holds less: the retained graphs, the basis, and 6 to 7 vectors (the gradient, the
+warm start, the eigenvector, the solver's last two), no intermediate gradients.
 
 The constants are measured: benchmarks/probe_memory.py reads the peak resident memory of a
 training step and of a probe on the 3.3M- and 25.5M-parameter transformers of
@@ -50,10 +48,6 @@ REBUILT_BACKWARD_ACTIVATIONS = 1.0
 activations (0.8 measured): the backward frees the graph's tensors as it goes."""
 RETAINED_BACKWARD_ACTIVATIONS = 2.0
 """The same through a retained graph, which the backward keeps (1.6 to 1.7 measured)."""
-END_VECTORS = 6
-"""Vectors a solve holds at its end besides the basis and its copy: the gradient, the warm
-start, the eigenvector (twice while it is normalized), the solver's last two vectors;
-measured 6.1 (7.1 with the graph retained: one more). The copy is counted as a full basis."""
 PRECONDITIONED_VECTORS = 3
 """More with Adam: the preconditioner, its eigenvector and the scaled vector of a product."""
 DEVICE_SHARE = 0.8
@@ -107,9 +101,7 @@ class MemoryFootprint:
             product_graph = self.graph_bytes + REBUILT_BACKWARD_ACTIVATIONS * self.activation_bytes
             product_vectors = PRODUCT_VECTORS
         product = product_graph + (max_basis + product_vectors + extra) * self.vector_bytes
-        end_vectors = 2 * max_basis + END_VECTORS + retained + extra
-        end = graphs + end_vectors * self.vector_bytes
-        return math.ceil(held + max(product, end))
+        return math.ceil(held + product)
 
 
 @dataclass(frozen=True)
