@@ -572,6 +572,25 @@ def test_finite_difference_hvp_step_follows_the_parameters_scale_and_dtype():
     )
 
 
+def test_finite_difference_hvp_step_scales_with_the_parameters_the_vector_moves():
+    # A large parameter beside the curved one, as an N(0, 1) embedding table beside the
+    # direction of sharpest curvature: f = 1e-3 t^2 + cos(3 s) / 9, H = diag(2e-3, -cos(3 s)).
+    # A step scaled by ||x|| (200) would be 1.0 long in float32, where cos(3 s) is far from
+    # quadratic; scaled by x along v (0.3) it is 5e-3 long.
+    model = Coordinates([200.0, 0.3]).float()
+
+    def loss(m, batch):
+        t, s = m(batch)
+        return 1e-3 * t**2 + torch.cos(3 * s) / 9
+
+    objective = ProbeObjective(model, loss, [None], hvp_method="finite-difference")
+    product = objective.hvp(torch.tensor([0.0, 2.0]))
+    exact = -2.0 * math.cos(0.9)
+    assert float(product[1]) == pytest.approx(exact, rel=FINITE_DIFFERENCE_HVP_RTOL[torch.float32])
+    assert float(product[0]) == pytest.approx(0.0, abs=1e-3)
+    assert torch.equal(model.x.detach(), torch.tensor([200.0, 0.3]))
+
+
 @pytest.mark.parametrize("name, model, loss_fn, batches", small_models(), ids=lambda v: str(v)[:8])
 def test_hessian_norm_by_finite_difference_hvps_matches_dense_hessian(
     name, model, loss_fn, batches
