@@ -489,13 +489,16 @@ def _search_step_size(writer: Any, prepared: Any, result: Any, err: Console) -> 
     """The step-size search after training (``smoothprof.step_search``), into the file's
     attributes; None when the run does not search. Ctrl-C stops the search only: the run's rows
     are kept, as always."""
-    from .step_search import ATTRIBUTE, search_step_size
+    from .step_search import ATTRIBUTE, measured_clip_threshold, search_step_size
 
     config = prepared.config
     if not config.lr_search or config.probe_every == 0 or prepared.comm is not None:
         return None
     first = next((r for r in result.probes if math.isfinite(r.hessian_norm)), None)
     clip = config.clip if config.clip is not None else _acting_clip(result.probes)
+    measured_clip = None
+    if clip is None:  # the search also tries a clip it measured
+        measured_clip = measured_clip_threshold([r.grad_norm for r in result.probes])
     err.print(
         "searching the step size (smoothprof fit recommends from it)"
         + (f", clipped at {clip:.3g}" if clip is not None else "")
@@ -510,6 +513,7 @@ def _search_step_size(writer: Any, prepared: Any, result: Any, err: Console) -> 
                 at_step=None if first is None else first.step,
                 trained=_trained(result),
                 clip=clip,
+                measured_clip=measured_clip,
             )
     except KeyboardInterrupt:
         err.print("step-size search interrupted: the run's rows are kept without it", markup=False)

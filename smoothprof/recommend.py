@@ -238,7 +238,13 @@ def recommend(
     if searched is not None:
         measured = searched
         best = searched.step_size  # the best trial and its stable neighbours, to confirm it
-        tried = sorted({t.lr for t in (*search.trials, *search.confirmations) if t.stable})
+        tried = sorted(
+            {
+                t.lr
+                for t in (*search.trials, *search.confirmations)
+                if t.stable and search.clip_of(t) == searched.clip_threshold
+            }
+        )
         sweep_lrs = tuple(lr for lr in tried if best / 2 <= lr <= 2 * best)
     elif L1 > 0 and L0_used is not None:
         measured, anchor = _measured_headline(
@@ -383,7 +389,14 @@ def _searched_headline(
             f"{search.trial_steps} steps; profile again with a smaller --lr."
         )
         return None
-    if search.clip is not None:  # the trials' clip: the lr belongs to it
+    if best.clip is not None:  # a clipped confirming trial ended lowest: its clip and step
+        clip = best.clip
+        why = (
+            f"clip {clip:.3g}, the median gradient norm of the run's probes, at which its trial "
+            "ran and ended lower than every unclipped one (measured, not proved: AutoClip, "
+            "Seetharaman et al. 2020, clips at a percentile of the norms seen)"
+        )
+    elif search.clip is not None:  # the trials' clip: the lr belongs to it
         clip = search.clip
         origin = "the run's own" if profile.clip == search.clip else "c = L0/L1 of the run's probes"
         why = f"clip {clip:.3g}, {origin}, which every trial used"
@@ -426,9 +439,15 @@ def _confirmed(search: StepSizeSearch) -> str:
     short = search.best_of_short_trials
     if not search.confirmations or short is None:
         return ""
+    clipped = ""
+    if search.measured_clip is not None:
+        clipped = (
+            f", then clipped at {search.measured_clip:.3g} (the median gradient norm its probes "
+            "measured) at once, twice and four times the best of those"
+        )
     return (
         f"; the short trials' best, lr {short.lr:.3g}, was confirmed at half, once and twice its "
-        "step over a quarter of the run, as a short trial favours a long step"
+        f"step over a quarter of the run, as a short trial favours a long step{clipped}"
     )
 
 

@@ -24,6 +24,18 @@ early loss spike can be a catapult that a longer trial recovers from, Lewkowycz 
 the recommended step is the confirming trial with the lowest loss on the probe batches at its
 end. Runs too short for a confirming trial longer than a short one skip it.
 
+Where the run was unclipped and its probes show no clip that acts (no c = L0/L1 below the
+measured gradient norms with the smoothness growing with them), the search also tries clipping
+at a threshold it measured: the median gradient norm of the profile's probes
+(``measured_clip_threshold``), with three more confirming trials at once, twice and four times
+the best unclipped confirming trial's step (``CLIPPED_FACTORS``); the recommended trial is the
+lowest of all six. Above the threshold such a step is normalized, its length lr times the
+threshold (clipped and normalized GD, Zhang et al. 2020, take long steps where the gradient is
+small and short ones where it is large); why the median is measured, not proved: AutoClip
+(Seetharaman et al. 2020) clips at a percentile of the norms seen, and on the models of
+``benchmarks/vs_practice.py`` the profile's median with these factors lowered the held-out loss
+of four of the six models it applies to (docs/practice.md).
+
 The data classes and the choice are pure (``smoothprof fit`` reads them from the trajectory
 file without torch); ``search_step_size`` runs the trials.
 """
@@ -45,18 +57,24 @@ MIN_TRIAL_STEPS = 20
 TRIAL_SHARE = 0.1  # a trial is a tenth of the run's steps (at least MIN_TRIAL_STEPS)
 CONFIRM_SHARE = 0.25  # a confirming trial is a quarter of the run's steps
 CONFIRM_FACTORS = (0.5, 1.0, 2.0)  # the confirming trials' steps, times the best short trial's
+# The clipped confirming trials' steps, times the best unclipped confirming trial's: clipping
+# shortens the steps where the gradient is large, so longer ones may train.
+CLIPPED_FACTORS = (1.0, 2.0, 4.0)
+MIN_CLIP_POINTS = 3  # probes with a gradient norm needed to measure a clip threshold
 ATTRIBUTE = "step_size_search"  # the trajectory file's attribute holding the search
 
 
 @dataclass(frozen=True)
 class Trial:
     """One trial: ``trial_steps`` steps at ``lr`` from the initialization; the loss on the
-    probe batches before (``loss_start``) and after (``loss_end``; inf when it diverged)."""
+    probe batches before (``loss_start``) and after (``loss_end``; inf when it diverged).
+    ``clip``: a threshold of its own (the clipped confirming trials'); None: the search's."""
 
     lr: float
     loss_start: float
     loss_end: float
     diverged_at: int | None = None
+    clip: float | None = None
 
     @property
     def stable(self) -> bool:
@@ -76,7 +94,9 @@ class StepSizeSearch:
     (2 + 2 momentum)/λ0 for (momentum) SGD with λ0 the Hessian norm of the first probe, or the
     run's own lr (``base`` says which). ``clip``: the threshold every trial clipped at (the run's
     own, or c = L0/L1 of its probes; None: unclipped). ``confirmations``: the trials of
-    ``confirm_steps`` steps around the best short trial (none when the run was too short).
+    ``confirm_steps`` steps around the best short trial (none when the run was too short),
+    then those clipped at ``measured_clip``, the probes' median gradient norm, where the search
+    tried it (an unclipped search only).
     """
 
     trial_steps: int
@@ -87,6 +107,11 @@ class StepSizeSearch:
     optimizer: str | None = None
     confirm_steps: int | None = None
     confirmations: tuple[Trial, ...] = ()
+    measured_clip: float | None = None
+
+    def clip_of(self, trial: Trial) -> float | None:
+        """The threshold ``trial`` clipped at (None: unclipped)."""
+        return trial.clip if trial.clip is not None else self.clip
 
     @property
     def best(self) -> Trial | None:
@@ -136,12 +161,18 @@ class StepSizeSearch:
         text += f"; best lr {short.lr:.3g} (loss {short.loss_start:.4g} -> {short.loss_end:.4g})"
         if not self.confirmations:
             return text
-        tried = ", ".join(f"{t.lr:.3g}" for t in self.confirmations)
+        tried = ", ".join(f"{t.lr:.3g}" for t in self.confirmations if t.clip is None)
+        clipped = ", ".join(f"{t.lr:.3g}" for t in self.confirmations if t.clip is not None)
+        if clipped:
+            tried += f"; clipped at {self.measured_clip:.3g}, the median gradient norm: {clipped}"
         best = self.best
         if best is None:
             return text + f"; over {self.confirm_steps} steps none of lr {tried} trained"
+        ends = f"lr {best.lr:.3g}" + (
+            f" clipped at {best.clip:.3g}" if best.clip is not None else ""
+        )
         return text + (
-            f"; over {self.confirm_steps} steps (lr {tried}) lr {best.lr:.3g} ends lowest "
+            f"; over {self.confirm_steps} steps (lr {tried}) {ends} ends lowest "
             f"({best.loss_start:.4g} -> {best.loss_end:.4g})"
         )
 
@@ -162,6 +193,7 @@ class StepSizeSearch:
                     loss_start=float(t["loss_start"]),
                     loss_end=float(t["loss_end"]),
                     diverged_at=None if t.get("diverged_at") is None else int(t["diverged_at"]),
+                    clip=None if t.get("clip") is None else float(t["clip"]),
                 )
                 for t in items
             )
@@ -170,6 +202,7 @@ class StepSizeSearch:
             trials = trials_of(data["trials"])
             clip = data.get("clip")
             confirm_steps = data.get("confirm_steps")
+            measured_clip = data.get("measured_clip")
             return cls(
                 trial_steps=int(data["trial_steps"]),
                 stability_step=float(data["stability_step"]),
@@ -179,6 +212,7 @@ class StepSizeSearch:
                 optimizer=data.get("optimizer"),
                 confirm_steps=None if confirm_steps is None else int(confirm_steps),
                 confirmations=trials_of(data.get("confirmations", ())),
+                measured_clip=None if measured_clip is None else float(measured_clip),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a step-size search: {error}") from None
@@ -199,6 +233,28 @@ def confirm_steps_for(num_steps: int) -> int | None:
 def confirm_trials(best: Trial, trial: Callable[[float], Trial]) -> list[Trial]:
     """The confirming trials around the best short trial, in the order of their lr."""
     return [trial(best.lr * factor) for factor in CONFIRM_FACTORS]
+
+
+def clipped_trials(
+    best: Trial, threshold: float, trial: Callable[[float, float], Trial]
+) -> list[Trial]:
+    """The confirming trials clipped at ``threshold`` (``trial(lr, clip)``), at
+    ``CLIPPED_FACTORS`` times the best unclipped confirming trial's step."""
+    return [trial(best.lr * factor, threshold) for factor in CLIPPED_FACTORS]
+
+
+def measured_clip_threshold(grad_norms: Sequence[float]) -> float | None:
+    """The median of the finite, positive gradient norms the probes measured; None with fewer
+    than ``MIN_CLIP_POINTS``.
+
+    >>> measured_clip_threshold([0.2, 0.4, float("nan"), 0.3])
+    0.3
+    """
+    values = sorted(g for g in grad_norms if math.isfinite(g) and g > 0)
+    if len(values) < MIN_CLIP_POINTS:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def stability_step(
@@ -266,12 +322,15 @@ def search_step_size(
     at_step: int | None,
     trained: bool = False,
     clip: float | None = None,
+    measured_clip: float | None = None,
 ) -> StepSizeSearch:
     """Run the search for a prepared run (after its training: it builds its own model, optimizer
     and batches, so the run's own state is untouched). The trials train as the run did: its
     optimizer (the options' or the model file's, every param group's lr scaled alike), scheduler,
     autocast and accumulation, from the same seed, clipped at ``clip`` (the caller passes the
-    run's own clip, or the c = L0/L1 that the headline will clip at).
+    run's own clip, or the c = L0/L1 that the headline will clip at). An unclipped search
+    (``clip`` None) with a ``measured_clip`` (``measured_clip_threshold`` of the probes'
+    gradient norms) also confirms clipped there (``clipped_trials``).
 
     The grid doubles from a quarter of the stability step 2/λ0 (``first_hessian_norm``, measured
     at ``at_step``), or of the run's own lr when the run ``trained`` (finished without
@@ -323,7 +382,7 @@ def search_step_size(
                 values.append(float(model_file.call_loss(model, batch)))
         return math.fsum(values) / len(values)
 
-    def trial(lr: float, length: int = steps) -> Trial:
+    def trial(lr: float, length: int = steps, own_clip: float | None = None) -> Trial:
         seed_everything(config.seed)
         model = instantiate_model(model_file).to(run.device)
         model.train()
@@ -350,12 +409,13 @@ def search_step_size(
         )
         start = probe_loss(model)  # leaves the random state as the run had it here
         batches = cycle_batches(model_file, trial_run.loader)
+        threshold = own_clip if own_clip is not None else clip
         for step in range(length):
-            _, _, _, finite, _ = training_step(trial_run, model, parameters, batches, clip)
+            _, _, _, finite, _ = training_step(trial_run, model, parameters, batches, threshold)
             if not finite:
-                return Trial(lr, start, math.inf, diverged_at=step)
+                return Trial(lr, start, math.inf, diverged_at=step, clip=own_clip)
         end = probe_loss(model)
-        return Trial(lr, start, end if math.isfinite(end) else math.inf)
+        return Trial(lr, start, end if math.isfinite(end) else math.inf, clip=own_clip)
 
     trials = run_trials(stable, trial)
     confirm_steps = confirm_steps_for(config.steps)
@@ -363,6 +423,15 @@ def search_step_size(
     confirmations = []
     if confirm_steps is not None and short_best is not None:
         confirmations = confirm_trials(short_best, lambda lr: trial(lr, confirm_steps))
+        unclipped_best = best_trial(confirmations)
+        if clip is None and measured_clip is not None and unclipped_best is not None:
+            confirmations += clipped_trials(
+                unclipped_best, measured_clip, lambda lr, c: trial(lr, confirm_steps, c)
+            )
+        else:
+            measured_clip = None
+    else:
+        measured_clip = None
     return StepSizeSearch(
         trial_steps=steps,
         stability_step=stable,
@@ -372,4 +441,5 @@ def search_step_size(
         optimizer=name,
         confirm_steps=confirm_steps if confirmations else None,
         confirmations=tuple(confirmations),
+        measured_clip=measured_clip,
     )

@@ -17,8 +17,10 @@ from smoothprof.step_search import (
     StepSizeSearch,
     Trial,
     best_trial,
+    clipped_trials,
     confirm_steps_for,
     confirm_trials,
+    measured_clip_threshold,
     run_trials,
     search_step_size,
     stability_step,
@@ -137,6 +139,47 @@ def test_the_best_short_trial_is_confirmed_over_a_quarter_of_the_run():
     assert any("none of its confirming trials (lr 0.5, 1, 2) did" in w for w in advice.warnings)
 
 
+def test_an_unclipped_search_confirms_at_a_measured_clip_too():
+    """Without a clip that acts, the search also confirms clipped at the probes' median gradient
+    norm, at once, twice and four times the best unclipped confirming trial's step; the lowest
+    of all confirming trials is the headline, with its clip, and the sweep keeps to that clip."""
+    assert measured_clip_threshold([0.3, float("nan"), 0.1, 0.2, 0.0, 0.5]) == 0.25
+    assert measured_clip_threshold([0.3, math.inf, 0.1]) is None  # too few measured
+    short = (Trial(0.25, 3.0, 2.0), Trial(0.5, 3.0, 1.0), Trial(1.0, 3.0, 1.5))
+    unclipped = (Trial(0.25, 3.0, 0.9), Trial(0.5, 3.0, 0.8), Trial(1.0, 3.0, 0.85))
+    seen = []
+
+    def trial(lr, clip):
+        seen.append((lr, clip))
+        ends = {0.5: 0.7, 1.0: 0.6, 2.0: math.inf}
+        return Trial(lr, 3.0, ends[lr], diverged_at=None if lr < 2 else 9, clip=clip)
+
+    clipped = clipped_trials(best_trial(unclipped), 0.2, trial)
+    assert seen == [(0.5, 0.2), (1.0, 0.2), (2.0, 0.2)]
+    search = StepSizeSearch(50, 1.0, "2/λ0", short, confirm_steps=125,
+                            confirmations=(*unclipped, *clipped), measured_clip=0.2)  # fmt: skip
+    assert (search.best.lr, search.clip_of(search.best)) == (1.0, 0.2)
+    assert search.clip_of(unclipped[0]) is None
+    assert search.total_steps == 3 * 50 + 5 * 125 + 10
+    assert (
+        "over 125 steps (lr 0.25, 0.5, 1; clipped at 0.2, the median gradient norm: 0.5, 1, 2) "
+        "lr 1 clipped at 0.2 ends lowest (3 -> 0.6)"
+    ) in search.summary()
+    assert StepSizeSearch.from_json(json.loads(json.dumps(search.as_json()))) == search
+    advice = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1), search=search)
+    assert (advice.headline.step_size, advice.headline.clip_threshold) == (1.0, 0.2)
+    assert "the median gradient norm of the run's probes" in advice.headline.note
+    assert "then clipped at 0.2" in advice.explanation
+    assert advice.sweep_lrs == (0.5, 1.0)  # the clipped trials that trained, not the unclipped
+    # Where an unclipped trial ends lowest, the headline stays unclipped.
+    worse = tuple(Trial(t.lr, 3.0, 0.95, clip=0.2) for t in clipped)
+    search = StepSizeSearch(50, 1.0, "2/λ0", short, confirm_steps=125,
+                            confirmations=(*unclipped, *worse), measured_clip=0.2)  # fmt: skip
+    advice = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1), search=search)
+    assert (advice.headline.step_size, advice.headline.clip_threshold) == (0.5, None)
+    assert advice.sweep_lrs == (0.25, 0.5, 1.0)
+
+
 def test_a_search_survives_its_json_with_infinities():
     search = StepSizeSearch(
         20, 0.5, "2/λ0 with λ0 = 4 at step 0",
@@ -190,6 +233,10 @@ def test_run_writes_the_search_and_fit_recommends_its_best_step(tmp_path):
         assert np.array_equal(with_search.train[column], without.train[column])
     assert ATTRIBUTE not in without.attributes
     search = StepSizeSearch.from_json(json.loads(with_search.attributes[ATTRIBUTE]))
+    # Unclipped, and no clip acts on a quadratic: the search confirmed at a measured clip too.
+    median = measured_clip_threshold(with_search.probes["grad_norm"])
+    assert search.clip is None and search.measured_clip == pytest.approx(median)
+    assert [t.clip for t in search.confirmations] == [None] * 3 + [search.measured_clip] * 3
     analysis = analyze(searched, bootstrap=0)
     headline = analysis.recommendations.headline
     assert headline.rule == "searched-step" and headline.step_size == search.best.lr
@@ -198,6 +245,17 @@ def test_run_writes_the_search_and_fit_recommends_its_best_step(tmp_path):
     assert analyze(plain, bootstrap=0).recommendations.headline.rule != "searched-step"
     fitted = invoke("fit", searched)
     assert fitted.exit_code == 0 and "Headline: lr = " in fitted.stdout
+
+
+def test_a_clipped_run_searches_at_its_own_clip_only(tmp_path):
+    path = tmp_path / "quadratic.py"
+    path.write_text(QUADRATIC)
+    out = tmp_path / "clipped.h5"
+    result = invoke("run", path, "-o", out, "--steps", "100", "--lr", "0.01", "--clip", "5")
+    assert result.exit_code == 0, result.output
+    search = StepSizeSearch.from_json(json.loads(read_trajectory(out).attributes[ATTRIBUTE]))
+    assert search.clip == 5 and search.measured_clip is None
+    assert len(search.confirmations) == 3 and all(t.clip is None for t in search.confirmations)
 
 
 def test_a_run_without_probes_does_not_search(tmp_path):
