@@ -481,7 +481,8 @@ def _searched_explanation(
     unstable = search.first_unstable
     above = ""
     if unstable is not None:
-        above = f"; lr {unstable.lr:.3g} did not train"
+        unclipped = " unclipped" if best.clip is not None and search.clip is None else ""
+        above = f"; lr {unstable.lr:.3g} did not train{unclipped}"
         if unstable.diverged_at is not None:
             above += f" (diverged at step {unstable.diverged_at})"
     with_lr = f"lr = {best.lr:.3g}"

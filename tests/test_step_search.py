@@ -170,6 +170,11 @@ def test_an_unclipped_search_confirms_at_a_measured_clip_too():
     assert (advice.headline.step_size, advice.headline.clip_threshold) == (1.0, 0.2)
     assert "the median gradient norm of the run's probes" in advice.headline.note
     assert "then clipped at 0.2" in advice.explanation
+    unstable = StepSizeSearch(50, 1.0, "2/λ0", (*short, Trial(2.0, 3.0, math.inf, diverged_at=4)),
+                              confirm_steps=125, confirmations=(*unclipped, *clipped),
+                              measured_clip=0.2)  # fmt: skip
+    advice = recommend(_fit(*GROWING), profile=ProfilingRun(lr=0.1), search=unstable)
+    assert "lr 2 did not train unclipped (diverged at step 4)" in advice.explanation
     assert advice.sweep_lrs == (0.5, 1.0)  # the clipped trials that trained, not the unclipped
     # Where an unclipped trial ends lowest, the headline stays unclipped.
     worse = tuple(Trial(t.lr, 3.0, 0.95, clip=0.2) for t in clipped)
