@@ -45,6 +45,7 @@ file without torch); ``search_step_size`` runs the trials.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -252,11 +253,8 @@ def measured_clip_threshold(grad_norms: Sequence[float]) -> float | None:
     >>> measured_clip_threshold([0.2, 0.4, float("nan"), 0.3])
     0.3
     """
-    values = sorted(g for g in grad_norms if math.isfinite(g) and g > 0)
-    if len(values) < MIN_CLIP_POINTS:
-        return None
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    values = [g for g in grad_norms if math.isfinite(g) and g > 0]
+    return statistics.median(values) if len(values) >= MIN_CLIP_POINTS else None
 
 
 def stability_step(
