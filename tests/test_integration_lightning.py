@@ -157,6 +157,27 @@ def test_the_file_records_how_lightning_trained(tmp_path):
     assert "smoothprof run" not in result.output
 
 
+def test_max_basis_bounds_the_probes_eigen_solver(tmp_path):
+    # A basis of 4 against rtol 1e-8: every solve fills it and restarts, with the same
+    # certificate; the file records the bound.
+    callback = SmoothnessCallback(tmp_path / "run.h5", every=4, probe_batches=2, max_basis=4,
+                                  rtol=1e-8, max_hvps=300)  # fmt: skip
+    probes = []
+    original = SmoothnessCallback.on_train_start
+
+    def started(self, trainer, module):
+        original(self, trainer, module)
+        probes.append(self._probe.probe)
+
+    callback.on_train_start = started.__get__(callback)
+    fit(tmp_path, [callback])
+    trajectory = read_trajectory(tmp_path / "run.h5")
+    assert trajectory.config["max_basis"] == 4
+    # (AdamW: the preconditioned sharpness's solves restart too)
+    assert probes[0].max_basis == 4 and probes[0].restarted_solves >= len(callback.records) == 3
+    assert trajectory.probes["hessian_converged"].all()
+
+
 def test_resuming_from_a_checkpoint_appends_to_the_file(tmp_path):
     path = tmp_path / "run.h5"
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6)
@@ -183,6 +204,8 @@ def test_options_that_cannot_work_are_errors(tmp_path):
         SmoothnessCallback(tmp_path / "a.h5", estimators=["hvp", "nope"])
     with pytest.raises(ConfigError, match="no such directory"):
         SmoothnessCallback(tmp_path / "missing" / "a.h5")
+    with pytest.raises(ConfigError, match="max_basis must be an integer >= 4"):
+        SmoothnessCallback(tmp_path / "a.h5", max_basis=3)
     callback = SmoothnessCallback(tmp_path / "a.h5", probe_batches=11)  # 10 batches of 16 exist
     with pytest.raises(ConfigError, match="the training dataset has 160: ask for at most 10"):
         fit(tmp_path, [callback], max_steps=2)

@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError
+from ..estimators import DEFAULT_MAX_BASIS, MIN_BASIS
 from ..objective import HVP_METHODS, LossFn
 from ..probe import ESTIMATORS, MODES, Probe, ProbeRecord
 from ..schedule import DEFAULT_NUM_PROBES, Schedule, as_schedule, every_k_steps, spread_steps
@@ -59,6 +60,7 @@ class CallbackOptions:
     estimators: tuple[str, ...] = ESTIMATORS
     rtol: float = 1e-3
     max_hvps: int = 100
+    max_basis: int | None = DEFAULT_MAX_BASIS
     fd_points: tuple[float, ...] = (0.5,)
     mode: str = "train"
     seed: int = 0
@@ -120,6 +122,13 @@ class CallbackOptions:
             problems.append(f"rtol must be positive, got {self.rtol!r}")
         if not _positive_int(self.max_hvps):
             problems.append(f"max_hvps must be a positive integer, got {self.max_hvps!r}")
+        if self.max_basis is not None and not (
+            _positive_int(self.max_basis) and self.max_basis >= MIN_BASIS
+        ):
+            problems.append(
+                f"max_basis must be an integer >= {MIN_BASIS} (or None: one vector per HVP), "
+                f"got {self.max_basis!r}"
+            )
         if not self.fd_points or any(
             not (isinstance(g, (int, float)) and 0 < g <= 1) for g in self.fd_points
         ):
@@ -169,6 +178,7 @@ class CallbackOptions:
             "probe_mode": self.mode,
             "rtol": self.rtol,
             "max_hvps": self.max_hvps,
+            "max_basis": self.max_basis,
             "hvp_method": self.hvp_method,
             "seed": self.seed,
             "max_overhead": None,
@@ -313,6 +323,7 @@ class TrainerProbe:
                 estimators=options.estimators,
                 rtol=options.rtol,
                 max_hvps=options.max_hvps,
+                max_basis=options.max_basis,
                 fd_points=options.fd_points,
                 mode=options.mode,
                 seed=options.seed,

@@ -41,6 +41,7 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
         "pip install 'smoothprof[transformers]'"
     ) from error
 
+from ..estimators import DEFAULT_MAX_BASIS
 from ..objective import LossFn, trainable_parameters
 from ..probe import ESTIMATORS, ProbeRecord
 from .trainer_probe import (
@@ -81,6 +82,7 @@ class SmoothnessCallback(TrainerCallback):
         estimators: Sequence[str] = ESTIMATORS,
         rtol: float = 1e-3,
         max_hvps: int = 100,
+        max_basis: int | None = DEFAULT_MAX_BASIS,
         fd_points: Sequence[float] = (0.5,),
         mode: str = "train",
         seed: int = 0,
@@ -96,6 +98,7 @@ class SmoothnessCallback(TrainerCallback):
             estimators=estimators,
             rtol=rtol,
             max_hvps=max_hvps,
+            max_basis=max_basis,
             fd_points=fd_points,
             mode=mode,
             seed=seed,
