@@ -105,6 +105,27 @@ class MemoryFootprint:
 
 
 @dataclass(frozen=True)
+class OptionNames:
+    """How the options that set the probe's memory are spelled where the user gives them."""
+
+    max_basis: str  # e.g. "--max-basis {}"
+    set_by: str  # the options that set the choice, in words
+    probe_memory: str  # e.g. "--probe-memory {}"
+    smaller_batches: str  # where the probe batches are chosen
+
+
+CLI_OPTIONS = OptionNames(
+    "--max-basis {}",
+    "--max-basis, --retain-graphs and --probe-memory",
+    "--probe-memory {}",
+    "probe_batches() in the model file",
+)
+CALLBACK_OPTIONS = OptionNames(
+    "max_basis={}", "max_basis and probe_memory", "probe_memory={}", "probe_batches=[batch, ...]"
+)
+
+
+@dataclass(frozen=True)
 class ProbeMemoryChoice:
     """The Lanczos basis, and whether the graph is retained, as a run chose them for memory.
 
@@ -114,7 +135,8 @@ class ProbeMemoryChoice:
     ``limit_bytes`` is what the probe was fitted to, ``limit`` says what that is in words;
     ``fits`` whether the estimate is within it; ``changed`` whether the choice differs from
     what the run would do without a limit (the default basis, the graph as the options keep
-    it); ``smallest_bytes`` the leanest probe the options allow."""
+    it); ``smallest_bytes`` the leanest probe the options allow; ``names`` how the user spells
+    the options (``smoothprof run``'s flags, or a trainer callback's arguments)."""
 
     max_basis: int
     retain_graphs: bool | None
@@ -126,6 +148,7 @@ class ProbeMemoryChoice:
     fits: bool
     changed: bool
     smallest_bytes: int
+    names: OptionNames = CLI_OPTIONS
 
     def _estimate(self, probe_bytes: int) -> str:
         return (
@@ -136,7 +159,7 @@ class ProbeMemoryChoice:
 
     def _setting(self) -> str:
         graph = "kept" if self.graph_kept else "rebuilt per product"
-        return f"--max-basis {self.max_basis}, the double-backward graph {graph}"
+        return f"{self.names.max_basis.format(self.max_basis)}, the double-backward graph {graph}"
 
     def describe(self) -> str:
         """The run header's line for the choice."""
@@ -148,8 +171,7 @@ class ProbeMemoryChoice:
             )
         return (
             f"probe memory: {self._estimate(self.probe_bytes)} at {self._setting()}; chosen to "
-            f"fit {self.limit} ({size_words(self.limit_bytes)}); --max-basis, --retain-graphs "
-            "and --probe-memory set it"
+            f"fit {self.limit} ({size_words(self.limit_bytes)}); {self.names.set_by} set it"
         )
 
     def shortfall(self) -> str:
@@ -157,8 +179,9 @@ class ProbeMemoryChoice:
         needed = math.ceil(10 * self.smallest_bytes / self.training_step_bytes) / 10
         return (
             f"the probe cannot fit {self.limit}: it needs {self._estimate(self.probe_bytes)} "
-            f"even at {self._setting()}; allow --probe-memory {needed:g} or more, or probe on "
-            "smaller batches (probe_batches() in the model file); see docs/scaling.md"
+            f"even at {self._setting()}; allow {self.names.probe_memory.format(f'{needed:g}')} "
+            f"or more, or probe on smaller batches ({self.names.smaller_batches}); see "
+            "docs/scaling.md"
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -181,6 +204,7 @@ def choose_probe_memory(
     max_basis: int | None = None,
     retain_graphs: bool | None = None,
     retain_given: bool = False,
+    names: OptionNames = CLI_OPTIONS,
 ) -> ProbeMemoryChoice:
     """The fastest probe that fits in ``limit_bytes``, of: the graph kept (as ``hvp_method``
     ``auto`` or ``retained`` and ``retain_graphs`` keep it) with the largest basis down to
@@ -228,6 +252,7 @@ def choose_probe_memory(
         fits=needed(chosen) <= limit_bytes,
         changed=chosen != settings[0],
         smallest_bytes=needed(settings[-1]),
+        names=names,
     )
 
 

@@ -41,6 +41,7 @@ from .loading import (
 from .memory import DEVICE_SHARE, MemoryFootprint, ProbeMemoryChoice, choose_probe_memory
 from .objective import (
     HVP_METHODS,
+    LossFn,
     double_backward_backends,
     saved_activation_bytes,
     saved_graph_bytes,
@@ -373,11 +374,11 @@ def device_memory_bytes(device: torch.device) -> int | None:
 
 
 def count_memory_footprint(
-    model_file: ModelFile,
+    loss_fn: LossFn,
     model: torch.nn.Module,
     batch: Any,
     device: torch.device,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     *,
     num_probe_batches: int,
     amp: str | None = None,
@@ -392,13 +393,13 @@ def count_memory_footprint(
         torch.autocast(device.type, dtype=_AMP_DTYPE[amp]) if amp else contextlib.nullcontext()
     )
     with autocast:
-        activation_bytes = saved_activation_bytes(model, model_file.call_loss, batch)
+        activation_bytes = saved_activation_bytes(model, loss_fn, batch)
     if graph_bytes is None:
         with double_backward_backends(device):
-            graph_bytes = saved_graph_bytes(model, model_file.call_loss, batch)
+            graph_bytes = saved_graph_bytes(model, loss_fn, batch)
     return MemoryFootprint(
         vector_bytes=sum(p.numel() * p.element_size() for p in parameters),
-        optimizer_vectors=optimizer_state_vectors(optimizer),
+        optimizer_vectors=0 if optimizer is None else optimizer_state_vectors(optimizer),
         activation_bytes=activation_bytes,
         graph_bytes=graph_bytes,
         num_probe_batches=num_probe_batches,
@@ -744,7 +745,7 @@ def prepare_run(
         with unchanged_model_state(model, device):
             seed_everything(config.seed)
             footprint = count_memory_footprint(
-                model_file,
+                model_file.call_loss,
                 model,
                 probe_batches[0],
                 device,

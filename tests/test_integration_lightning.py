@@ -178,6 +178,37 @@ def test_max_basis_bounds_the_probes_eigen_solver(tmp_path):
     assert trajectory.probes["hessian_converged"].all()
 
 
+def test_the_probe_is_fitted_to_the_memory_as_smoothprof_run_fits_it(tmp_path, monkeypatch, caplog):
+    import math
+
+    import smoothprof.integrations.trainer_probe as trainer_probe
+
+    counted = []
+    count = trainer_probe.count_memory_footprint
+
+    def counting(*args, **kwargs):
+        counted.append(count(*args, **kwargs))
+        return counted[-1]
+
+    monkeypatch.setattr(trainer_probe, "count_memory_footprint", counting)
+    # A limit no probe meets stops before training, with what it would take, and no file.
+    callback = SmoothnessCallback(tmp_path / "a.h5", every=3, probe_batches=2, probe_memory=1.01)
+    with pytest.raises(ConfigError, match=r"cannot fit probe_memory=1.01.*allow probe_memory="):
+        fit(tmp_path, [callback])
+    assert not (tmp_path / "a.h5").exists()
+    # A device that holds the probe with a basis of 10, not 20: the basis is 10, and said so.
+    two_batches = counted[-1].probe_bytes(10, retained_graphs=0, hvp_method="auto")
+    total = math.ceil(two_batches / trainer_probe.DEVICE_SHARE) + 1
+    monkeypatch.setattr(trainer_probe, "device_memory_bytes", lambda device: total)
+    callback = SmoothnessCallback(tmp_path / "b.h5", every=3, probe_batches=2)
+    with caplog.at_level("WARNING", logger="smoothprof"):
+        fit(tmp_path, [callback])
+    assert "probe memory: about" in caplog.text and "at max_basis=10" in caplog.text
+    config = read_trajectory(tmp_path / "b.h5").config
+    assert config["max_basis"] == 10 and config["probe_memory_estimate"]["changed"]
+    assert all(r.hessian_converged for r in callback.records)
+
+
 def test_resuming_from_a_checkpoint_appends_to_the_file(tmp_path):
     path = tmp_path / "run.h5"
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6)

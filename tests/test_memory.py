@@ -215,7 +215,7 @@ def test_the_memory_saving_probe_measures_the_same_eigenvalues(tmp_path, monkeyp
     default = prepare_run(spec, _config())
     with unchanged_model_state(default.model):
         footprint = count_memory_footprint(
-            spec, default.model, default.probe_batches[0], torch.device("cpu"),
+            spec.call_loss, default.model, default.probe_batches[0], torch.device("cpu"),
             default.optimizer, num_probe_batches=1,
         )  # fmt: skip
     lean = footprint.probe_bytes(6, retained_graphs=0, hvp_method="auto")

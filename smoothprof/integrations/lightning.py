@@ -37,7 +37,6 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
     ) from error
 
 from ..errors import ConfigError
-from ..estimators import DEFAULT_MAX_BASIS
 from ..objective import LossFn, trainable_parameters
 from ..probe import ESTIMATORS, ProbeRecord
 from .trainer_probe import (
@@ -62,7 +61,9 @@ class SmoothnessCallback(pl.Callback):
     ``probe_batches``: a count of batches drawn from the training dataset (see
     ``trainer_probe.sample_probe_batches``) or the batches themselves. The schedule: ``every``
     k steps, ``schedule`` (a function of the step or a collection of steps), or by default
-    ``num_probes`` (30) spread over ``max_steps``. The other options are ``smoothprof.Probe``'s.
+    ``num_probes`` (30) spread over ``max_steps``. ``max_basis`` (None: 20, or fewer where the
+    probe would not fit the device's memory) and ``probe_memory``: see ``CallbackOptions``. The
+    other options are ``smoothprof.Probe``'s.
     A file at ``output`` is an error unless ``overwrite``, or unless the run resumes from a
     checkpoint: then it is appended to (the rows of the steps trained again are replaced).
     ``records`` holds this process's probes.
@@ -80,7 +81,8 @@ class SmoothnessCallback(pl.Callback):
         estimators: Sequence[str] = ESTIMATORS,
         rtol: float = 1e-3,
         max_hvps: int = 100,
-        max_basis: int | None = DEFAULT_MAX_BASIS,
+        max_basis: int | None = None,
+        probe_memory: float | None = None,
         fd_points: Sequence[float] = (0.5,),
         mode: str = "train",
         seed: int = 0,
@@ -98,6 +100,7 @@ class SmoothnessCallback(pl.Callback):
             rtol=rtol,
             max_hvps=max_hvps,
             max_basis=max_basis,
+            probe_memory=probe_memory,
             fd_points=fd_points,
             mode=mode,
             seed=seed,

@@ -10,6 +10,7 @@ writes the file; every rank probes (the probe's collectives need them all).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ import torch
 from .. import __version__
 from ..errors import ConfigError
 from ..estimators import DEFAULT_MAX_BASIS, MIN_BASIS
+from ..memory import CALLBACK_OPTIONS, DEVICE_SHARE, ProbeMemoryChoice, choose_probe_memory
 from ..objective import HVP_METHODS, LossFn
-from ..probe import ESTIMATORS, MODES, Probe, ProbeRecord
+from ..probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from ..schedule import DEFAULT_NUM_PROBES, Schedule, as_schedule, every_k_steps, spread_steps
-from ..train import move_to_device
+from ..train import count_memory_footprint, device_memory_bytes, move_to_device
 from ..trajectory import TrajectoryWriter
+
+logger = logging.getLogger("smoothprof")
 
 LOGGED_PREFIX = "smoothprof/"
 """The probe's values reach the trainer's loggers under this prefix: ``smoothprof/hessian_norm``."""
@@ -50,6 +54,9 @@ class CallbackOptions:
     the batches themselves. The schedule: ``every`` k steps, or ``schedule`` (a function of the
     step or a collection of steps), or by default ``num_probes`` probes spread over the
     trainer's planned steps; giving two of them is an error, never a silent choice.
+    ``max_basis``: the eigen-solver's bound on vectors of the model's size; None (default): 20,
+    or fewer where the probe would not fit in 80% of the device's memory, or within
+    ``probe_memory`` times a training step's when that is given (``fit_probe_to_memory``).
     """
 
     output: Path
@@ -60,7 +67,8 @@ class CallbackOptions:
     estimators: tuple[str, ...] = ESTIMATORS
     rtol: float = 1e-3
     max_hvps: int = 100
-    max_basis: int | None = DEFAULT_MAX_BASIS
+    max_basis: int | None = None
+    probe_memory: float | None = None
     fd_points: tuple[float, ...] = (0.5,)
     mode: str = "train"
     seed: int = 0
@@ -126,9 +134,21 @@ class CallbackOptions:
             _positive_int(self.max_basis) and self.max_basis >= MIN_BASIS
         ):
             problems.append(
-                f"max_basis must be an integer >= {MIN_BASIS} (or None: one vector per HVP), "
-                f"got {self.max_basis!r}"
+                f"max_basis must be an integer >= {MIN_BASIS} (or None: chosen for the device's "
+                f"memory), got {self.max_basis!r}"
             )
+        if self.probe_memory is not None and not (
+            isinstance(self.probe_memory, (int, float))
+            and not isinstance(self.probe_memory, bool)
+            and math.isfinite(self.probe_memory)
+            and self.probe_memory > 1
+        ):
+            problems.append(
+                "probe_memory must be a number above 1 (the probe's peak memory as a multiple "
+                f"of a training step's), got {self.probe_memory!r}"
+            )
+        elif self.probe_memory is not None and "hvp" not in self.estimators:
+            problems.append("probe_memory sizes the hvp estimator's eigen-solver: add hvp")
         if not self.fd_points or any(
             not (isinstance(g, (int, float)) and 0 < g <= 1) for g in self.fd_points
         ):
@@ -278,6 +298,50 @@ def _without_autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
+def fit_probe_to_memory(probe: Probe, options: CallbackOptions) -> ProbeMemoryChoice | None:
+    """The Lanczos basis and graph for the probe's memory, as ``smoothprof run`` chooses them
+    (``memory.choose_probe_memory``): counted on the first probe batch before training, fitted
+    to ``options.probe_memory`` times a training step's estimate when given, else to
+    ``memory.DEVICE_SHARE`` of the device's memory; a ``max_basis`` the user gave is kept. None
+    without the hvp estimator or where the device's memory is not known. In a data-parallel run
+    rank 0's choice holds for every rank (they take their HVPs together). The model's state and
+    the random state are as before (``unchanged_model_state``)."""
+    if "hvp" not in options.estimators:
+        return None
+    device = probe.parameters[0].device
+    choice = None
+    if probe.comm is None or probe.comm.rank == 0:
+        with unchanged_model_state(probe.model, device):
+            footprint = count_memory_footprint(
+                probe.loss_fn,
+                probe.model,
+                probe.batches[0],
+                device,
+                probe.optimizer,
+                num_probe_batches=len(probe.batches),
+            )
+        if options.probe_memory is not None:
+            multiple = f"{options.probe_memory:g}"
+            limit_bytes = int(options.probe_memory * footprint.training_step_bytes)
+            limit = f"probe_memory={multiple}, {multiple}x a training step's"
+        else:
+            total = device_memory_bytes(device)
+            limit_bytes = 0 if total is None else int(DEVICE_SHARE * total)
+            limit = f"{DEVICE_SHARE:.0%} of {device}'s memory"
+        if limit_bytes > 0:
+            choice = choose_probe_memory(
+                footprint,
+                limit_bytes=limit_bytes,
+                limit=limit,
+                hvp_method=options.hvp_method,
+                max_basis=options.max_basis,
+                names=CALLBACK_OPTIONS,
+            )
+    if probe.comm is not None:
+        choice = probe.comm.from_rank0(choice)
+    return choice
+
+
 class TrainerProbe:
     """The probe of one training run inside a trainer, and the file that rank 0 writes.
 
@@ -307,6 +371,39 @@ class TrainerProbe:
                 f"{options.output}: already exists; pass overwrite=True to replace it (a run "
                 "resumed from a checkpoint appends to it)"
             )
+        self.probe = Probe(
+            model,
+            loss_fn,
+            batches,
+            schedule=options.probe_schedule(num_steps),
+            estimators=options.estimators,
+            rtol=options.rtol,
+            max_hvps=options.max_hvps,
+            max_basis=options.max_basis or DEFAULT_MAX_BASIS,
+            fd_points=options.fd_points,
+            mode=options.mode,
+            seed=options.seed,
+            hvp_method=options.hvp_method,
+            distributed=distributed,
+            optimizer=optimizer,
+        )
+        self.memory_choice = fit_probe_to_memory(self.probe, options)
+        if self.memory_choice is not None:
+            choice = self.memory_choice
+            if not choice.fits and options.probe_memory is not None:
+                raise ConfigError(choice.shortfall())
+            if writes and (choice.changed or not choice.fits or options.probe_memory):
+                logger.warning("smoothprof: %s", choice.describe())
+            self.probe.max_basis = choice.max_basis
+            if choice.retain_graphs is not None:
+                self.probe.retain_graphs = choice.retain_graphs
+            config = {
+                **attributes.get("config", {}),
+                "max_basis": choice.max_basis,
+                "probe_memory": options.probe_memory,
+                "probe_memory_estimate": choice.as_json(),
+            }
+            attributes = {**attributes, "config": config}
         if writes:
             self.writer = TrajectoryWriter(
                 options.output,
@@ -314,27 +411,7 @@ class TrainerProbe:
                 overwrite=options.overwrite,
                 resume_at_step=start_step if start_step > 0 else None,
             )
-        try:
-            self.probe = Probe(
-                model,
-                loss_fn,
-                batches,
-                schedule=options.probe_schedule(num_steps),
-                estimators=options.estimators,
-                rtol=options.rtol,
-                max_hvps=options.max_hvps,
-                max_basis=options.max_basis,
-                fd_points=options.fd_points,
-                mode=options.mode,
-                seed=options.seed,
-                hvp_method=options.hvp_method,
-                on_record=None if self.writer is None else self.writer.append_probe,
-                distributed=distributed,
-                optimizer=optimizer,
-            )
-        except BaseException:
-            self.close(error="the probe could not start")
-            raise
+            self.probe.on_record = self.writer.append_probe
         self._due = False
 
     @property

@@ -41,7 +41,6 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
         "pip install 'smoothprof[transformers]'"
     ) from error
 
-from ..estimators import DEFAULT_MAX_BASIS
 from ..objective import LossFn, trainable_parameters
 from ..probe import ESTIMATORS, ProbeRecord
 from .trainer_probe import (
@@ -63,7 +62,9 @@ class SmoothnessCallback(TrainerCallback):
     ``trainer_probe.sample_probe_batches``; collated by the Trainer's data collator) or the
     batches themselves. The schedule: ``every`` k steps, ``schedule`` (a function of the step or
     a collection of steps), or by default ``num_probes`` (30) spread over the Trainer's
-    ``max_steps``. The other options are ``smoothprof.Probe``'s. A file at ``output`` is an
+    ``max_steps``. ``max_basis`` (None: 20, or fewer where the probe would not fit the device's
+    memory) and ``probe_memory``: see ``CallbackOptions``. The other options are
+    ``smoothprof.Probe``'s. A file at ``output`` is an
     error unless ``overwrite``, or unless the Trainer resumes from a checkpoint: then it is
     appended to. ``records`` holds this process's probes. When training raises, the file is left
     as a killed run's (every row readable); ``close()`` closes it.
@@ -82,7 +83,8 @@ class SmoothnessCallback(TrainerCallback):
         estimators: Sequence[str] = ESTIMATORS,
         rtol: float = 1e-3,
         max_hvps: int = 100,
-        max_basis: int | None = DEFAULT_MAX_BASIS,
+        max_basis: int | None = None,
+        probe_memory: float | None = None,
         fd_points: Sequence[float] = (0.5,),
         mode: str = "train",
         seed: int = 0,
@@ -99,6 +101,7 @@ class SmoothnessCallback(TrainerCallback):
             rtol=rtol,
             max_hvps=max_hvps,
             max_basis=max_basis,
+            probe_memory=probe_memory,
             fd_points=fd_points,
             mode=mode,
             seed=seed,
