@@ -38,7 +38,14 @@ from .loading import (
     make_dataloader,
     step_scheduler,
 )
-from .memory import DEVICE_SHARE, MemoryFootprint, ProbeMemoryChoice, choose_probe_memory
+from .memory import (
+    CLI_OPTIONS,
+    DEVICE_SHARE,
+    MemoryFootprint,
+    OptionNames,
+    ProbeMemoryChoice,
+    choose_probe_memory,
+)
 from .objective import (
     HVP_METHODS,
     LossFn,
@@ -420,25 +427,38 @@ def choose_run_probe_memory(
     within ``memory.DEVICE_SHARE`` of the device's memory (None where that is not known).
     ``max_basis_given`` is the basis the user gave (None: chosen); ``retain_given`` whether
     the user set ``retain_graphs`` (``config`` holds its value, or the probe batches' choice)."""
-    if config.probe_memory is not None:
-        multiple = f"{config.probe_memory:g}"
-        limit_bytes = int(config.probe_memory * footprint.training_step_bytes)
-        limit = f"--probe-memory {multiple}, {multiple}x a training step's"
-    else:
-        total = device_memory_bytes(device)
-        if total is None:
-            return None
-        limit_bytes = int(DEVICE_SHARE * total)
-        limit = f"{DEVICE_SHARE:.0%} of {_device_words(device)} memory"
+    limit = probe_memory_limit(footprint, config.probe_memory, device)
+    if limit is None:
+        return None
+    limit_bytes, limit_words = limit
     return choose_probe_memory(
         footprint,
         limit_bytes=limit_bytes,
-        limit=limit,
+        limit=limit_words,
         hvp_method=config.hvp_method,
         max_basis=max_basis_given,
         retain_graphs=config.retain_graphs,
         retain_given=retain_given,
     )
+
+
+def probe_memory_limit(
+    footprint: MemoryFootprint,
+    probe_memory: float | None,
+    device: torch.device,
+    names: OptionNames = CLI_OPTIONS,
+) -> tuple[int, str] | None:
+    """What a probe is fitted to, in bytes and in words: ``probe_memory`` times a training
+    step's estimated peak when given (spelled as ``names`` spells the option), else
+    ``memory.DEVICE_SHARE`` of the device's memory; None where that is not known."""
+    if probe_memory is not None:
+        multiple = f"{probe_memory:g}"
+        words = f"{names.probe_memory.format(multiple)}, {multiple}x a training step's"
+        return int(probe_memory * footprint.training_step_bytes), words
+    total = device_memory_bytes(device)
+    if total is None:
+        return None
+    return int(DEVICE_SHARE * total), f"{DEVICE_SHARE:.0%} of {_device_words(device)} memory"
 
 
 def _device_words(device: torch.device) -> str:

@@ -182,6 +182,8 @@ def test_the_probe_is_fitted_to_the_memory_as_smoothprof_run_fits_it(tmp_path, m
     import math
 
     import smoothprof.integrations.trainer_probe as trainer_probe
+    import smoothprof.train
+    from smoothprof.memory import DEVICE_SHARE
 
     counted = []
     count = trainer_probe.count_memory_footprint
@@ -198,8 +200,8 @@ def test_the_probe_is_fitted_to_the_memory_as_smoothprof_run_fits_it(tmp_path, m
     assert not (tmp_path / "a.h5").exists()
     # A device that holds the probe with a basis of 10, not 20: the basis is 10, and said so.
     two_batches = counted[-1].probe_bytes(10, retained_graphs=0, hvp_method="auto")
-    total = math.ceil(two_batches / trainer_probe.DEVICE_SHARE) + 1
-    monkeypatch.setattr(trainer_probe, "device_memory_bytes", lambda device: total)
+    total = math.ceil(two_batches / DEVICE_SHARE) + 1
+    monkeypatch.setattr(smoothprof.train, "device_memory_bytes", lambda device: total)
     callback = SmoothnessCallback(tmp_path / "b.h5", every=3, probe_batches=2)
     with caplog.at_level("WARNING", logger="smoothprof"):
         fit(tmp_path, [callback])

@@ -22,11 +22,11 @@ import torch
 from .. import __version__
 from ..errors import ConfigError
 from ..estimators import DEFAULT_MAX_BASIS, MIN_BASIS
-from ..memory import CALLBACK_OPTIONS, DEVICE_SHARE, ProbeMemoryChoice, choose_probe_memory
+from ..memory import CALLBACK_OPTIONS, ProbeMemoryChoice, choose_probe_memory
 from ..objective import HVP_METHODS, LossFn
 from ..probe import ESTIMATORS, MODES, Probe, ProbeRecord, unchanged_model_state
 from ..schedule import DEFAULT_NUM_PROBES, Schedule, as_schedule, every_k_steps, spread_steps
-from ..train import count_memory_footprint, device_memory_bytes, move_to_device
+from ..train import count_memory_footprint, move_to_device, probe_memory_limit
 from ..trajectory import TrajectoryWriter
 
 logger = logging.getLogger("smoothprof")
@@ -320,19 +320,12 @@ def fit_probe_to_memory(probe: Probe, options: CallbackOptions) -> ProbeMemoryCh
                 probe.optimizer,
                 num_probe_batches=len(probe.batches),
             )
-        if options.probe_memory is not None:
-            multiple = f"{options.probe_memory:g}"
-            limit_bytes = int(options.probe_memory * footprint.training_step_bytes)
-            limit = f"probe_memory={multiple}, {multiple}x a training step's"
-        else:
-            total = device_memory_bytes(device)
-            limit_bytes = 0 if total is None else int(DEVICE_SHARE * total)
-            limit = f"{DEVICE_SHARE:.0%} of {device}'s memory"
-        if limit_bytes > 0:
+        limit = probe_memory_limit(footprint, options.probe_memory, device, CALLBACK_OPTIONS)
+        if limit is not None:
             choice = choose_probe_memory(
                 footprint,
-                limit_bytes=limit_bytes,
-                limit=limit,
+                limit_bytes=limit[0],
+                limit=limit[1],
                 hvp_method=options.hvp_method,
                 max_basis=options.max_basis,
                 names=CALLBACK_OPTIONS,
