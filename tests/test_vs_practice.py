@@ -58,3 +58,34 @@ def test_steps_to_target_uses_a_trailing_mean(vs_practice):
     assert vs_practice.steps_to_target(losses, 1.0) == 30  # the first full window of 1.0
     assert vs_practice.steps_to_target(losses, 0.5) is None
     assert vs_practice.steps_to_target([float("nan")] * 25, 1.0) is None
+
+
+def test_the_sweep_is_judged_per_seed_and_as_one_multiple(vs_practice):
+    """The per-seed oracle takes each seed's best multiple; one multiple for every seed is the
+    multiple with the best median: the knife edge a seed lands on does not count for it."""
+
+    def run(seed, ours, sweeps):
+        arms = [{"arm": "smoothprof", "held_out": ours, "steps_to_target": None}]
+        arms += [
+            {"arm": label, "held_out": 9.0, "steps_to_target": None}
+            for label in ("finder", "finder+autoclip", "finder+zclip")
+        ]
+        arms += [
+            {"arm": f"sweep x{factor:g}", "held_out": value, "steps_to_target": None}
+            for factor, value in zip((1, 2, 4), sweeps)
+        ]
+        return {"model": "m", "seed": seed, "steps": 10, "finder_iterations": 5, "arms": arms,
+                "finder_lr": 1.0,
+                "profile": {"cost_steps": 50, "clip": None, "lr": 1.0, "rule": "r"}}  # fmt: skip
+
+    results = [
+        run(0, 1.0, (1.0, 0.1, 50.0)),  # x2 lands on the good side of an edge on this seed
+        run(1, 1.0, (1.0, 50.0, 0.2)),  # x4 on this one
+        run(2, 1.0, (0.95, 40.0, 45.0)),
+    ]
+    [row] = vs_practice.summarize(results)
+    assert row["sweep best"]["held_out"] == 0.2  # per seed: 0.1, 0.2, 0.95
+    assert not row["within_10pct_of_sweep"]
+    assert row["sweep one multiple"] == {"arm": "sweep x1", "held_out": 1.0}  # medians 1, 40, 45
+    assert row["within_10pct_of_one_multiple"]
+    assert "m x1 1 (within 10%)" in vs_practice.one_multiple_lines([row])
