@@ -198,7 +198,8 @@ class CallbackOptions:
             "probe_mode": self.mode,
             "rtol": self.rtol,
             "max_hvps": self.max_hvps,
-            "max_basis": self.max_basis,
+            "max_basis": self.max_basis if self.max_basis is not None else DEFAULT_MAX_BASIS,
+            "probe_memory": self.probe_memory,
             "hvp_method": self.hvp_method,
             "seed": self.seed,
             "max_overhead": None,
@@ -393,7 +394,6 @@ class TrainerProbe:
             config = {
                 **attributes.get("config", {}),
                 "max_basis": choice.max_basis,
-                "probe_memory": options.probe_memory,
                 "probe_memory_estimate": choice.as_json(),
             }
             attributes = {**attributes, "config": config}
