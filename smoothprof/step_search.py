@@ -420,18 +420,16 @@ def search_step_size(
     trials = run_trials(stable, trial)
     confirm_steps = confirm_steps_for(config.steps)
     short_best = best_trial(trials)
-    confirmations = []
+    confirmations: list[Trial] = []
+    clipped_at = None  # the measured clip, where the clipped confirming trials ran
     if confirm_steps is not None and short_best is not None:
         confirmations = confirm_trials(short_best, lambda lr: trial(lr, confirm_steps))
         unclipped_best = best_trial(confirmations)
         if clip is None and measured_clip is not None and unclipped_best is not None:
+            clipped_at = measured_clip
             confirmations += clipped_trials(
                 unclipped_best, measured_clip, lambda lr, c: trial(lr, confirm_steps, c)
             )
-        else:
-            measured_clip = None
-    else:
-        measured_clip = None
     return StepSizeSearch(
         trial_steps=steps,
         stability_step=stable,
@@ -441,5 +439,5 @@ def search_step_size(
         optimizer=name,
         confirm_steps=confirm_steps if confirmations else None,
         confirmations=tuple(confirmations),
-        measured_clip=measured_clip,
+        measured_clip=clipped_at,
     )
