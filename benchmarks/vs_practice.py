@@ -85,6 +85,11 @@ FINDER_ITERATIONS = 100
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 AUTOCLIP_PERCENTILE = 10.0
 TARGET_MARGIN = 1.1
+# The rounding-noise arm: the finder's run again from initial weights scaled by 1 + 2^-22
+# (about two float32 roundings): how far apart two runs lie that differ by rounding alone.
+PERTURBATION = 2.0**-22
+NOISE_ARM = "finder rerun"
+FINDER_ARMS = ("finder", "finder+autoclip", "finder+zclip")
 TARGET_WINDOW = 20
 
 
@@ -197,12 +202,18 @@ def train_arm(
     clipper: Any = None,
     arm: str = "",
     clip_text: str = "none",
+    perturbation: float = 0.0,
 ) -> ArmResult:
-    """The plain loop every method is judged with: SGD, the training batches in order."""
+    """The plain loop every method is judged with: SGD, the training batches in order; the
+    initial weights scaled by ``1 + perturbation`` when it is not zero."""
     seed_everything(seed)
     model = instantiate_model(model_file)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
+    if perturbation:
+        with torch.no_grad():
+            for p in parameters:
+                p.mul_(1.0 + perturbation)
     optimizer = torch.optim.SGD(parameters, lr=lr)
     losses: list[float] = []
     cycle = itertools.cycle(batches.train)
@@ -315,6 +326,7 @@ class Profile:
     rule: str
     warnings: list[str] = field(default_factory=list)
     probes: dict[str, list[float]] = field(default_factory=dict)
+    search: dict[str, Any] | None = None  # the run's step-size search, as its file holds it
 
 
 def profile_run(name: str, path: Path, batches: Batches, seed: int, work: Path) -> Profile:
@@ -360,6 +372,7 @@ def profile_run(name: str, path: Path, batches: Batches, seed: int, work: Path) 
         rule=headline.rule + (f" (profiled again with {' '.join(options)})" if options else ""),
         warnings=list(analysis.recommendations.warnings),
         probes=kept,
+        search=None if analysis.search is None else analysis.search.as_json(),
     )
 
 
@@ -386,10 +399,10 @@ def compare_one(name: str, path: Path, seed: int, steps: int, work: Path) -> dic
     finder_lr, finder_iterations = range_test(model_file, batches, seed)
     profile = profile_run(name, path, batches, seed, work)
 
-    def arm(label, lr, clipper=None, clip_text="none"):
+    def arm(label, lr, clipper=None, clip_text="none", perturbation=0.0):
         return train_arm(
             model_file, batches, seed=seed, steps=steps, lr=lr, clipper=clipper, arm=label,
-            clip_text=clip_text,
+            clip_text=clip_text, perturbation=perturbation,
         )  # fmt: skip
 
     arms = [
@@ -404,6 +417,7 @@ def compare_one(name: str, path: Path, seed: int, steps: int, work: Path) -> dic
         arm("finder+zclip", finder_lr, ZClip(), "ZClip z2.5"),
     ]
     arms += [arm(f"sweep x{factor:g}", finder_lr * factor) for factor in SWEEP_FACTORS]
+    arms.append(arm(NOISE_ARM, finder_lr, perturbation=PERTURBATION))
     sweep = [a for a in arms if a.arm.startswith("sweep")]
     target = TARGET_MARGIN * min(smoothed_final(a.losses) for a in sweep)
     return {
@@ -455,8 +469,18 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "steps_to_target": median_of(label, "steps_to_target"),
             }
         ours = row["smoothprof"]["held_out"]
-        finders = min(row[k]["held_out"] for k in ("finder", "finder+autoclip", "finder+zclip"))
+        finders = min(row[k]["held_out"] for k in FINDER_ARMS)
         row["beats_finders"] = ours <= finders
+        row["behind_finders"] = ours / finders - 1.0 if math.isfinite(finders) else None
+        # Seed by seed against the finder arm with the best median: how often smoothprof ends lower.
+        best_arm = min(FINDER_ARMS, key=lambda label: row[label]["held_out"])
+        held = [{a["arm"]: a["held_out"] for a in r["arms"]} for r in runs]
+        row["seeds_ahead"] = {
+            "arm": best_arm,
+            "ahead": sum(h["smoothprof"] < h[best_arm] for h in held),
+            "seeds": len(held),
+        }
+        row["rounding_noise"] = rounding_noise(runs)
         row["within_10pct_of_sweep"] = ours <= 1.1 * row["sweep best"]["held_out"]
         # The sweep as a practitioner without a held-out set per seed would use it: one
         # multiple of the finder's lr for every seed, the multiple with the best median.
@@ -474,16 +498,42 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def rounding_noise(runs: list[dict[str, Any]]) -> float | None:
+    """The median over seeds of how far the finder's run moves, relative to its held-out loss,
+    when its initial weights move by ``PERTURBATION``; seeds where either run diverged do not
+    count (None: no seed counts, or the file has no rerun)."""
+    changes = []
+    for r in runs:
+        held = {a["arm"]: a["held_out"] for a in r["arms"]}
+        base, again = held["finder"], held.get(NOISE_ARM, math.nan)
+        if math.isfinite(base) and math.isfinite(again) and base > 0:
+            changes.append(abs(again - base) / base)
+    return statistics.median(changes) if changes else None
+
+
 def _number(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isinf(value)):
         return "diverged" if value is not None else "-"
     return f"{value:.4g}"
 
 
+def _percent(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" if value >= 1e-3 else "<0.1%"
+
+
+def _beats(row: dict[str, Any]) -> str:
+    behind = row.get("behind_finders")
+    if row["beats_finders"] or behind is None:
+        return "yes" if row["beats_finders"] else "no"
+    return f"no ({behind:.0%} behind)"
+
+
 def table(rows: list[dict[str, Any]], markdown: bool) -> str:
     header = [
         "model", "smoothprof", "finder", "finder+AutoClip", "finder+ZClip", "sweep best",
-        "beats finders", "within 10%", "cost: profile / range test",
+        "beats finders", "within 10%", "rounding noise", "cost: profile / range test",
     ]  # fmt: skip
     lines = []
     for row in rows:
@@ -496,8 +546,8 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
 
         lines.append([
             row["model"], cell("smoothprof"), cell("finder"), cell("finder+autoclip"),
-            cell("finder+zclip"), cell("sweep best"), "yes" if row["beats_finders"] else "no",
-            "yes" if row["within_10pct_of_sweep"] else "no",
+            cell("finder+zclip"), cell("sweep best"), _beats(row),
+            "yes" if row["within_10pct_of_sweep"] else "no", _percent(row.get("rounding_noise")),
             f"{row['profile_cost_steps']:.0f} / {row['finder_cost_steps']:.0f}",
         ])  # fmt: skip
     if markdown:
@@ -510,18 +560,30 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
     )
 
 
-def one_multiple_lines(rows: list[dict[str, Any]]) -> str:
-    """Below the table: the sweep judged as one multiple of the finder's lr for all seeds."""
+def lines_below_table(rows: list[dict[str, Any]]) -> str:
+    """Below the table: the sweep judged as one multiple of the finder's lr for all seeds, and
+    the seeds on which smoothprof ends below the finder arm with the best median."""
     cells = [
         f"{row['model']} {row['sweep one multiple']['arm'].removeprefix('sweep ')} "
         f"{_number(row['sweep one multiple']['held_out'])} "
         f"({'within 10%' if row['within_10pct_of_one_multiple'] else 'not within 10%'})"
         for row in rows
     ]
-    return textwrap.fill(
-        "The sweep as one multiple of the finder's lr for every seed (the multiple with the best "
-        "median; smoothprof's headline within 10% of it or not): " + "; ".join(cells) + ".",
-        width=100,
+    ahead = [
+        f"{row['model']} {row['seeds_ahead']['ahead']} of {row['seeds_ahead']['seeds']} "
+        f"(against {row['seeds_ahead']['arm']})"
+        for row in rows
+    ]
+    return "\n\n".join(
+        textwrap.fill(text, width=100)
+        for text in (
+            "The sweep as one multiple of the finder's lr for every seed (the multiple with the "
+            "best median; smoothprof's headline within 10% of it or not): "
+            + "; ".join(cells)
+            + ".",
+            "Seeds on which smoothprof's held-out loss is below that of the finder arm with the "
+            "best median: " + "; ".join(ahead) + ".",
+        )
     )
 
 
@@ -570,13 +632,14 @@ def print_summary(rows: list[dict[str, Any]], steps: int, seeds: list[int], mark
         textwrap.dedent(
             f"""\
             Held-out loss after {steps} SGD steps, median over seeds {seeds} (in brackets: steps
-            to 10% above the sweep's best final training loss); cost in training steps before
-            the real run."""
+            to 10% above the sweep's best final training loss); rounding noise: the median
+            change of the finder's held-out loss when its initial weights move by 2^-22 of
+            themselves; cost in training steps before the real run."""
         )
     )
     print(table(rows, markdown))
     print()
-    print(one_multiple_lines(rows))
+    print(lines_below_table(rows))
 
 
 if __name__ == "__main__":

@@ -88,4 +88,38 @@ def test_the_sweep_is_judged_per_seed_and_as_one_multiple(vs_practice):
     assert not row["within_10pct_of_sweep"]
     assert row["sweep one multiple"] == {"arm": "sweep x1", "held_out": 1.0}  # medians 1, 40, 45
     assert row["within_10pct_of_one_multiple"]
-    assert "m x1 1 (within 10%)" in vs_practice.one_multiple_lines([row])
+    assert "m x1 1 (within 10%)" in vs_practice.lines_below_table([row])
+
+
+def test_rounding_noise_is_the_median_change_of_the_finders_rerun(vs_practice):
+    """The rerun from weights moved by rounding gives the noise a comparison is read against;
+    a row behind the finders says by how much, beside it."""
+
+    def run(seed, ours, autoclip, finder, rerun):
+        held = {"smoothprof": ours, "finder": finder, "finder+autoclip": autoclip,
+                "finder+zclip": 9.0, "sweep x1": finder, vs_practice.NOISE_ARM: rerun}  # fmt: skip
+        arms = [{"arm": k, "held_out": v, "steps_to_target": None} for k, v in held.items()]
+        return {"model": "m", "seed": seed, "steps": 10, "finder_iterations": 5, "arms": arms,
+                "finder_lr": 1.0,
+                "profile": {"cost_steps": 50, "clip": None, "lr": 1.0, "rule": "r"}}  # fmt: skip
+
+    results = [run(0, 1.1, 1.0, 2.0, 2.2), run(1, 1.1, 1.0, 1.0, 0.9), run(2, 1.1, 1.0, 4.0, 4.0)]
+    [row] = vs_practice.summarize(results)
+    assert row["rounding_noise"] == pytest.approx(0.1)  # changes 10%, 10%, 0%
+    assert not row["beats_finders"] and row["behind_finders"] == pytest.approx(0.1)
+    line = vs_practice.table([row], markdown=True).splitlines()[-1]
+    assert "| no (10% behind) | yes | 10.0% |" in line
+    assert row["seeds_ahead"] == {"arm": "finder+autoclip", "ahead": 0, "seeds": 3}
+    assert "m 0 of 3 (against finder+autoclip)" in " ".join(
+        vs_practice.lines_below_table([row]).split()
+    )
+    # A seed whose rerun diverged has no relative change: the others decide.
+    results[1]["arms"][-1]["held_out"] = float("inf")
+    [row] = vs_practice.summarize(results)
+    assert row["rounding_noise"] == pytest.approx(0.05)  # changes 10%, 0%
+    assert vs_practice._percent(0.05) == "5.0%" and vs_practice._percent(1e-5) == "<0.1%"
+    # A file written before the rerun arm existed reads as before.
+    for r in results:
+        r["arms"].pop()
+    [row] = vs_practice.summarize(results)
+    assert row["rounding_noise"] is None and "| - |" in vs_practice.table([row], True)
