@@ -30,7 +30,7 @@ of training steps, the range test's iterations). The median over seeds decides.
     python benchmarks/vs_practice.py --json R.json; ... --summarize R.json  # tables again
 
 Needs torch-lr-finder 0.2.2 (``pip install torch-lr-finder==0.2.2``); transformers for the GPT-2
-sample (it is skipped without it).
+sample and the Llama (each is skipped without it).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ MODELS = {
     "gpt2_bytes": SAMPLES / "gpt2_bytes.py",
     "tiny_transformer_lm": OWN_MODELS / "tiny_transformer_lm.py",
     "tanh_regression": OWN_MODELS / "tanh_regression.py",
+    "llama_bytes": OWN_MODELS / "llama_bytes.py",
 }
 QUICK_MODELS = ("mlp_spirals", "tanh_regression")
 HELD_OUT_SHARE = 0.15
