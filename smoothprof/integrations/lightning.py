@@ -235,7 +235,9 @@ class SmoothnessCallback(pl.Callback):
                 logger.log_metrics(values, step=record.step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close()
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            probe.finish()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -199,7 +199,9 @@ class SmoothnessCallback(TrainerCallback):
         )
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.close()
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            probe.finish()
 
     def close(self) -> None:
         """Close the file (nothing to do when it is closed)."""
