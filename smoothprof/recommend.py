@@ -299,7 +299,8 @@ def recommend(
             f"{', '.join(f'{lr:.3g}' for lr in sweep_lrs)} {where_to_sweep} and keep the "
             "best (smoothprof compare). The predicted speedup of clipped over fixed-step GD, "
             f"{_format(speedup)}, is a ratio of worst-case bounds (about L_max/L0, Zhang et al. "
-            "2020, Theorems 3 and 4), not a promise of wall-clock speed."
+            "2020, Theorems 3 and 4), not a promise of wall-clock speed. "
+            f"{NO_SEARCH_NOTE}"
         )
     else:
         headline = observed
@@ -358,6 +359,16 @@ def recommend(
         sweep_lrs=sweep_lrs,
         own_optimizer=own_optimizer,
     )
+
+
+# Where the file holds no step-size search, the headline is the rule tuned on the sample models:
+# say so, and how to confirm it (not a command that trains another program than the user's).
+NO_SEARCH_NOTE = (
+    "This file holds no step-size search (a trainer callback, the library, a multi-process run "
+    "or --no-lr-search wrote it), so the headline is that rule; on models it was not tuned on, "
+    "the search did better against an LR range test and adaptive clipping (docs/practice.md): "
+    "confirm the headline with the sweep above before a long run."
+)
 
 
 def _searched_headline(

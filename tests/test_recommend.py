@@ -91,6 +91,7 @@ def test_rule_table_by_hand():
     assert recs.fixed_step_observed == 1 / 40
     assert recs.predicted_speedup == pytest.approx(40 / 2)  # L_max / L0
     assert "worst-case" in recs.explanation and "measured, not proved" in recs.explanation
+    assert "This file holds no step-size search" in recs.explanation  # where to get one
     assert recs.sweep_lrs == pytest.approx([0.3, 0.6, 1.5, 3.0, 6.0])
     assert "0.3, 0.6, 1.5, 3, 6" in recs.explanation
     assert recs.warnings == ()

@@ -247,6 +247,7 @@ def test_run_writes_the_search_and_fit_recommends_its_best_step(tmp_path):
     assert headline.rule == "searched-step" and headline.step_size == search.best.lr
     document = json.loads(json.dumps(analysis.as_json(), allow_nan=False))
     assert len(document["step_size_search"]["trials"]) == len(search.trials)
+    assert "holds no step-size search" not in analysis.recommendations.explanation
     assert analyze(plain, bootstrap=0).recommendations.headline.rule != "searched-step"
     fitted = invoke("fit", searched)
     assert fitted.exit_code == 0 and "Headline: lr = " in fitted.stdout
