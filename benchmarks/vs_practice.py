@@ -17,7 +17,10 @@ them held out), it trains:
   with the adaptive rule;
 - ``sweep``: fixed steps lr_finder x {1/4, 1/2, 1, 2, 4}, unclipped, the best of which (by held-out
   loss) is the oracle a tuned practitioner would reach: per seed in the table, and below it as
-  one multiple for every seed (the multiple with the best median).
+  one multiple for every seed (the multiple with the best median);
+- ``finder rerun``: no method, the finder's run again from initial weights scaled by
+  ``1 + PERTURBATION``: its change to the held-out loss is the model's rounding noise, what the
+  other comparisons of that model are to be read against.
 
 It reports the held-out loss after training, the steps each run took to reach a target (10% above
 the best final training loss of the sweep, on a trailing mean of 20 steps), and each method's
