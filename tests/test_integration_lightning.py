@@ -254,32 +254,6 @@ def test_the_documented_example_runs(tmp_path, monkeypatch):
     assert trajectory.num_probes > 3 and math.isfinite(trajectory.probes["hessian_norm"][-1])
 
 
-def test_the_end_of_training_waits_for_every_rank_after_the_file_is_closed():
-    """Rank 0 alone writes the file at the end; every rank then waits at a barrier, so that none
-    leaves the process group while another still works (gloo can abort it at exit)."""
-    from types import SimpleNamespace
-
-    from smoothprof.integrations.trainer_probe import TrainerProbe
-
-    seen = []
-
-    class Comm:
-        def barrier(self):
-            seen.append("barrier")
-
-    class Writer:
-        def close(self):
-            seen.append("closed")
-
-    ending = object.__new__(TrainerProbe)  # the end only: no probe to build for it
-    ending.writer, ending.probe = Writer(), SimpleNamespace(comm=Comm(), hvp_method="auto")
-    ending.finish()
-    assert seen == ["closed", "barrier"]
-    ending.writer, ending.probe = None, SimpleNamespace(comm=None, hvp_method="auto")
-    ending.finish()  # one process: nothing to wait for
-    assert seen == ["closed", "barrier"]
-
-
 def test_ddp_every_rank_probes_rank_0_writes_and_the_training_is_unchanged(tmp_path):
     """Lightning's ddp_spawn, 2 CPU processes: the same weights with and without the callback,
     one file with every probe."""

@@ -235,9 +235,7 @@ class SmoothnessCallback(pl.Callback):
                 logger.log_metrics(values, step=record.step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._probe is not None:
-            probe, self._probe = self._probe, None
-            probe.finish()
+        self._close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

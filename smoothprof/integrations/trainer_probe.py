@@ -432,15 +432,6 @@ class TrainerProbe:
         if self.writer is not None:
             self.writer.append_train(row)
 
-    def finish(self) -> None:
-        """Close the file at the end of training, then, under DDP, wait for every rank. Every
-        rank calls this (from the trainer's end-of-training hook); rank 0 alone writes, and a
-        rank that leaves while another still works can make gloo abort it at exit, as the process
-        group is torn down under a peer that is still connected."""
-        self.close()
-        if self.probe.comm is not None:
-            self.probe.comm.barrier()
-
     def close(self, **attributes: Any) -> None:
         """Close the file (safe to call twice), adding ``attributes`` (``hvp_method``, and
         ``interrupted`` or ``error`` when training ended that way)."""

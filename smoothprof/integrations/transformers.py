@@ -199,9 +199,7 @@ class SmoothnessCallback(TrainerCallback):
         )
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._probe is not None:
-            probe, self._probe = self._probe, None
-            probe.finish()
+        self.close()
 
     def close(self) -> None:
         """Close the file (nothing to do when it is closed)."""
